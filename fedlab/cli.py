@@ -1,0 +1,155 @@
+"""`fedlab VERB --config PATH [--run NAME] [--set key.path=value ...]`: one verb per stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedlab.config import ConfigError, Experiment, load_experiment, parse_override
+from fedlab.errors import FedlabError
+
+STAGE_VERBS = ("generate", "export", "flatten", "features", "train", "report")
+
+
+def _load(args: argparse.Namespace) -> Experiment:
+    overrides = dict(parse_override(item) for item in args.set or [])
+    return load_experiment(args.config, overrides)
+
+
+def _sites(args: argparse.Namespace) -> list[str] | None:
+    return args.site or None
+
+
+def cmd_generate(args: argparse.Namespace) -> Any:
+    exp = _load(args)
+    from fedlab.synthea import generate
+
+    return generate(exp, args.run, sites=_sites(args), force=args.force)
+
+
+def cmd_serve(args: argparse.Namespace) -> Any:
+    exp = _load(args)
+    from fedlab.fhir.server import serve_site
+
+    site = args.site[0] if args.site else exp.site_ids[0]
+    return serve_site(exp, args.run, site, port=args.port)
+
+
+def cmd_export(args: argparse.Namespace) -> Any:
+    exp = _load(args)
+    from fedlab.fhir.export import export
+
+    return export(exp, args.run, sites=_sites(args), force=args.force)
+
+
+def cmd_flatten(args: argparse.Namespace) -> Any:
+    exp = _load(args)
+    from fedlab.flatten import flatten
+
+    return flatten(exp, args.run, sites=_sites(args), force=args.force)
+
+
+def cmd_features(args: argparse.Namespace) -> Any:
+    exp = _load(args)
+    from fedlab.features import build_features
+
+    return build_features(exp, args.run, sites=_sites(args), force=args.force)
+
+
+def cmd_train(args: argparse.Namespace) -> Any:
+    exp = _load(args)
+    from fedlab.federated import train
+
+    return train(exp, args.run)
+
+
+def cmd_report(args: argparse.Namespace) -> Any:
+    exp = _load(args)
+    from fedlab.report import write_report
+
+    return write_report(exp, args.run)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> Any:
+    from fedlab.pipeline import reproduce
+
+    overrides = dict(parse_override(item) for item in args.set or [])
+    return reproduce(args.config, run=args.run, overrides=overrides, force=args.force,
+                     notebooks=args.notebook or None)
+
+
+def cmd_doctor(args: argparse.Namespace) -> Any:
+    from fedlab.doctor import run_doctor
+
+    ok = run_doctor()
+    if not ok:
+        raise FedlabError("doctor found problems (see above)")
+    return "all checks passed"
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
+    "generate": (cmd_generate, "generate each site's synthetic FHIR R4 population"),
+    "serve": (cmd_serve, "serve one site's data over FHIR Bulk Data + SMART Backend Services"),
+    "export": (cmd_export, "pull each site's data with a Bulk Data $export client"),
+    "flatten": (cmd_flatten, "flatten exported FHIR into harmonized Parquet tables (fhiry)"),
+    "features": (cmd_features, "build each site's feature table with Spark"),
+    "train": (cmd_train, "train federated and baseline models with TensorFlow Federated"),
+    "report": (cmd_report, "write results.md, figures and manifest.json"),
+    "reproduce": (cmd_reproduce, "run every notebook in order with papermill"),
+    "doctor": (cmd_doctor, "check Python, Java, Spark, TFF and the Jupyter kernel"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlab", description=__doc__)
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb == "doctor":
+            continue
+        p.add_argument("--config", required=True, type=Path, help="experiment YAML, e.g. configs/quickstart.yaml")
+        p.add_argument("--run", default=None, help="run name (default: the experiment's name)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.rounds=3 (repeatable)")
+        p.add_argument("--force", action="store_true", help="redo work even if outputs are complete")
+        if verb in ("generate", "export", "flatten", "features", "serve"):
+            p.add_argument("--site", action="append", help="only this site (repeatable)")
+        if verb == "serve":
+            p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+        if verb == "reproduce":
+            p.add_argument("--notebook", action="append", help="only this notebook (repeatable)")
+    return parser
+
+
+def _show(result: Any) -> None:
+    if result is None:
+        return
+    if isinstance(result, dict):
+        print(json.dumps({str(k): str(v) for k, v in result.items()}, indent=2))
+    else:
+        print(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS[args.verb][0]
+    try:
+        _show(handler(args))
+    except (ConfigError, FedlabError, FileNotFoundError) as err:
+        if args.traceback:
+            raise
+        print(f"fedlab {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedlab {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Experiment configuration: typed, validated objects loaded from YAML.
+
+An Experiment names the run, the seed, the simulated hospitals (sites) and the settings of
+every stage. Unknown keys and wrong types are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RESOURCE_TYPES_DEFAULT = ["Patient", "Encounter", "Condition", "Observation", "MedicationRequest"]
+STAGES = ("generate", "export", "flatten", "features", "train", "report")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SiteConfig(_Strict):
+    """One simulated hospital and how its population and records differ from the others."""
+
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    patients: int = Field(gt=0)
+    seed: int = Field(ge=0)
+    female_fraction: float = Field(0.5, ge=0, le=1)
+    age_mean: float = Field(50.0, gt=0, lt=110)
+    age_sd: float = Field(17.0, gt=0)
+    race_mix: dict[Literal["white", "black", "asian", "hispanic", "other"], float] = Field(
+        default_factory=lambda: {"white": 0.6, "black": 0.15, "asian": 0.08, "hispanic": 0.15, "other": 0.02}
+    )
+    bmi_shift: float = Field(0.0, ge=-10, le=10)
+    diabetes_risk: float = Field(1.0, gt=0, le=10)
+    hypertension_risk: float = Field(1.0, gt=0, le=10)
+    visits_per_year: float = Field(1.0, gt=0, le=12)
+    lab_missingness: float = Field(0.1, ge=0, lt=1)
+    glucose_unit: Literal["mg/dL", "mmol/L"] = "mg/dL"
+    condition_system: Literal["snomed", "icd10"] = "snomed"
+
+    @field_validator("race_mix")
+    @classmethod
+    def _mix_sums_to_one(cls, mix: dict[str, float]) -> dict[str, float]:
+        if any(p < 0 for p in mix.values()):
+            raise ValueError("race_mix probabilities must be >= 0")
+        total = sum(mix.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"race_mix probabilities must sum to 1 (they sum to {total:g})")
+        return mix
+
+
+class GenerateConfig(_Strict):
+    engine: Literal["python", "synthea-jar"] = "python"
+    reference_date: dt.date = dt.date(2026, 1, 1)
+    years_of_history: int = Field(12, ge=1, le=100)
+    workers: int = Field(1, ge=1, le=64)
+
+
+class ExportConfig(_Strict):
+    types: list[str] = Field(default_factory=lambda: list(RESOURCE_TYPES_DEFAULT))
+    host: str = "127.0.0.1"
+    scope: str = "system/*.rs"
+    deidentify: bool = False
+
+
+class FlattenConfig(_Strict):
+    engine: Literal["fhiry"] = "fhiry"
+
+
+class TaskConfig(_Strict):
+    """The prediction task: who is in the cohort, when the index date is, what the label is."""
+
+    name: str = "incident_t2d"
+    outcome: Literal["t2d", "hypertension"] = "t2d"
+    min_age: int = Field(18, ge=0, le=120)
+    lookback_years: float = Field(3.0, gt=0, le=50)
+    horizon_years: float = Field(3.0, gt=0, le=50)
+    min_followup_years: float = Field(0.0, ge=0)
+
+
+class SparkConfig(_Strict):
+    master: str | None = None
+    driver_memory: str = "2g"
+    shuffle_partitions: int = Field(4, ge=1)
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+Method = Literal["local", "pooled", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
+
+
+class TrainConfig(_Strict):
+    methods: list[Method] = Field(default_factory=lambda: ["local", "pooled", "fedavg"])
+    model: Literal["logreg", "mlp"] = "logreg"
+    rounds: int = Field(20, ge=1)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    client_lr: float = Field(0.1, gt=0)
+    server_lr: float = Field(1.0, gt=0)
+    prox_mu: float = Field(0.01, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    bootstrap: int = Field(200, ge=0)
+
+
+class Experiment(_Strict):
+    """A whole study: sites plus the settings of each stage."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = Field(0, ge=0)
+    data_dir: str = "data"
+    reports_dir: str = "reports"
+    sites: list[SiteConfig] = Field(min_length=1)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    flatten: FlattenConfig = Field(default_factory=FlattenConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    # Set by the loader: the project root that relative paths are resolved against.
+    root: Path = Field(default_factory=Path.cwd, exclude=True)
+    source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_site_ids(self) -> Experiment:
+        ids = [s.id for s in self.sites]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate site ids: {', '.join(dupes)}")
+        return self
+
+    # ---- paths (the on-disk data contract, see docs/architecture.md) ----
+    def site(self, site_id: str) -> SiteConfig:
+        for s in self.sites:
+            if s.id == site_id:
+                return s
+        raise ConfigError(f"{self.source or self.name}: no site named {site_id!r} "
+                          f"(sites: {', '.join(s.id for s in self.sites)})")
+
+    @property
+    def site_ids(self) -> list[str]:
+        return [s.id for s in self.sites]
+
+    def data_path(self, stage: str, run: str | None = None, site: str | None = None) -> Path:
+        """`data/<stage>/<run>/<site>`; stage is synthea, export, tables or features."""
+        base = _resolve(self.root, self.data_dir) / stage / (run or self.name)
+        return base / site if site else base
+
+    def report_path(self, run: str | None = None) -> Path:
+        return _resolve(self.root, self.reports_dir) / (run or self.name)
+
+
+def _resolve(root: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def project_root_for(config_path: Path) -> Path:
+    """The folder holding `configs/`, so notebooks and the CLI agree on where data goes."""
+    env = os.environ.get("FEDLAB_ROOT")
+    if env:
+        return Path(env).resolve()
+    folder = config_path.resolve().parent
+    return folder.parent if folder.name == "configs" else folder
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def experiment_from_dict(data: dict[str, Any], source: str = "<dict>", root: Path | None = None) -> Experiment:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        exp = Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    return exp.model_copy(update={"root": root or Path.cwd(), "source": Path(source) if source != "<dict>" else None})
+
+
+def load_experiment(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Experiment:
+    """Load and validate an Experiment YAML; `overrides` maps dotted keys to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {err}") from None
+    for key, value in (overrides or {}).items():
+        try:
+            _set_dotted(data, key, value)
+        except (KeyError, IndexError, ValueError, TypeError) as err:
+            raise ConfigError(f"{path}: cannot override {key!r}: {err}") from None
+    return experiment_from_dict(data, str(path), project_root_for(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.rounds=3` -> ("train.rounds", 3); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)

@@ -1,0 +1,85 @@
+"""Small readers the notebooks use to look at each stage's files (read-only, by the data contract)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedlab.config import Experiment
+
+
+def iter_ndjson(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for count, line in enumerate(handle):
+            if limit is not None and count >= limit:
+                return
+            if line.strip():
+                yield json.loads(line)
+
+
+def site_patients(exp: Experiment, run: str) -> pd.DataFrame:
+    """One row per generated patient: site, age at the reference date, gender, race."""
+    ref = pd.Timestamp(exp.generate.reference_date)
+    rows = []
+    for site in exp.site_ids:
+        for patient in iter_ndjson(exp.data_path("synthea", run, site) / "bulk" / "Patient.ndjson"):
+            birth = pd.Timestamp(patient["birthDate"])
+            rows.append({"site": site, "gender": patient.get("gender"), "age": (ref - birth).days / 365.25,
+                         "race": _race(patient), "dead": "deceasedDateTime" in patient})
+    return pd.DataFrame(rows)
+
+
+def _race(patient: dict[str, Any]) -> str | None:
+    for ext in patient.get("extension", []):
+        if ext.get("url", "").endswith("us-core-race"):
+            for sub in ext.get("extension", []):
+                if sub.get("url") == "text":
+                    return sub.get("valueString")
+    return None
+
+
+def site_observations(exp: Experiment, run: str, codes: set[str], limit: int | None = None) -> pd.DataFrame:
+    """Observation values for the given LOINC codes, per site, as the site recorded them."""
+    rows = []
+    for site in exp.site_ids:
+        path = exp.data_path("synthea", run, site) / "bulk" / "Observation.ndjson"
+        for obs in iter_ndjson(path, limit):
+            coding = obs.get("code", {}).get("coding", [{}])[0]
+            quantity = obs.get("valueQuantity")
+            if coding.get("code") in codes and quantity:
+                rows.append({"site": site, "loinc": coding["code"], "value": quantity.get("value"),
+                             "unit": quantity.get("unit")})
+    return pd.DataFrame(rows)
+
+
+def site_condition_codes(exp: Experiment, run: str) -> pd.DataFrame:
+    """Counts of condition codes per site and code system (shows SNOMED vs ICD-10-CM sites)."""
+    rows = []
+    for site in exp.site_ids:
+        for cond in iter_ndjson(exp.data_path("synthea", run, site) / "bulk" / "Condition.ndjson"):
+            for coding in cond.get("code", {}).get("coding", [])[:1]:
+                rows.append({"site": site, "system": coding.get("system", "").rsplit("/", 1)[-1],
+                             "code": coding.get("code"), "display": coding.get("display")})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.value_counts().rename("n").reset_index()
+
+
+def read_tables(exp: Experiment, run: str, table: str) -> pd.DataFrame:
+    frames = []
+    for site in exp.site_ids:
+        path = exp.data_path("tables", run, site) / f"{table}.parquet"
+        if path.is_file():
+            frames.append(pd.read_parquet(path).assign(site=site))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def read_features(exp: Experiment, run: str) -> pd.DataFrame:
+    frames = [pd.read_parquet(exp.data_path("features", run, s) / "features.parquet").assign(site=s)
+              for s in exp.site_ids]
+    return pd.concat(frames, ignore_index=True)

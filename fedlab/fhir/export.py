@@ -1,0 +1,97 @@
+"""The export stage: each site's node pulls its hospital's data through Bulk Data `$export`.
+
+For every site: start the site's FHIR server over `data/synthea/<run>/<site>/bulk/` with the node's
+client registered, export at system level with a signed-assertion token, and write
+`data/export/<run>/<site>/` (NDJSON per output, `manifest.json`, then `_SUCCESS.json`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlab.config import Experiment
+from fedlab.fhir.bulk import BulkDataClient, ExportResult
+from fedlab.fhir.server import SiteServer
+from fedlab.fhir.smart import ClientKey, ClientRegistry
+from fedlab.io import is_complete, mark_complete, staging_dir, write_json
+
+KEY_ALGORITHM = "ES384"
+
+
+class ExportStageError(RuntimeError):
+    """A site cannot be exported; the message names the site and what to do."""
+
+
+def site_bulk_dir(exp: Experiment, run: str | None, site: str) -> Path:
+    """The generated `bulk/` folder of a site, checked to be complete and non-empty."""
+    exp.site(site)
+    site_dir = exp.data_path("synthea", run, site)
+    bulk = site_dir / "bulk"
+    if not is_complete(site_dir) or not bulk.is_dir() or not any(bulk.glob("*.ndjson")):
+        raise ExportStageError(f"site {site!r}: generated data missing or incomplete at {site_dir} "
+                               f"(needs bulk/*.ndjson and _SUCCESS.json); run `fedlab generate` first")
+    return bulk
+
+
+def node_client_id(site: str) -> str:
+    return f"fedlab-node-{site}"
+
+
+def node_credentials(exp: Experiment, run: str | None, site: str) -> tuple[str, ClientKey]:
+    """The site node's client id and key pair, created once under `data/export/<run>/_keys/<site>/`."""
+    key = ClientKey.load_or_create(exp.data_path("export", run) / "_keys" / site, alg=KEY_ALGORITHM)
+    return node_client_id(site), key
+
+
+def export(exp: Experiment, run: str | None = None, sites: list[str] | None = None, force: bool = False,
+           progress: bool = True) -> dict[str, Path]:
+    """Export every (or the named) site; returns site id -> `data/export/<run>/<site>/`."""
+    site_ids = sites if sites is not None else exp.site_ids
+    bulk_dirs = {site: site_bulk_dir(exp, run, site) for site in site_ids}  # fail before any work
+    results: dict[str, Path] = {}
+    for site in site_ids:
+        final = exp.data_path("export", run, site)
+        if is_complete(final) and not force:
+            results[site] = final
+            continue
+        results[site] = export_site(exp, run, site, bulk_dirs[site], progress)
+    return results
+
+
+def export_site(exp: Experiment, run: str | None, site: str, bulk_dir: Path, progress: bool = True) -> Path:
+    client_id, key = node_credentials(exp, run, site)
+    registry = ClientRegistry()
+    registry.register(client_id, key.jwks(), exp.export.scope)
+    final = exp.data_path("export", run, site)
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.UTC).isoformat()
+    with SiteServer(bulk_dir, registry, host=exp.export.host) as server, staging_dir(final) as staging:
+        with BulkDataClient(server.base_url, client_id, key, exp.export.scope, progress=progress,
+                            min_wait_s=0.05, max_retry_after_s=2.0) as client:
+            result = client.export(staging, "system", types=list(exp.export.types))
+        write_json(staging / "manifest.json", _local_manifest(result, server.base_url, exp.export.scope))
+        mark_complete(staging, _success_info(site, run or exp.name, result, started_at,
+                                             time.perf_counter() - started))
+    return final
+
+
+def _local_manifest(result: ExportResult, base_url: str, scope: str) -> dict[str, Any]:
+    return {**result.manifest,
+            "files": [f.as_json() for f in result.files],
+            "export_request": {**result.kickoff, "base_url": base_url, "scope": scope},
+            "errors": result.errors,
+            "deleted": result.deleted}
+
+
+def _success_info(site: str, run: str, result: ExportResult, started_at: str, seconds: float) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for downloaded in result.files:
+        counts[downloaded.type] = counts.get(downloaded.type, 0) + downloaded.lines
+    return {"stage": "export", "run": run, "site": site, "started": started_at,
+            "finished": dt.datetime.now(dt.UTC).isoformat(), "seconds": round(seconds, 3),
+            "timings": {k: round(v, 4) for k, v in result.timings.items()}, "counts": counts,
+            "files": len(result.files), "errors": len(result.errors),
+            "transactionTime": result.transaction_time}

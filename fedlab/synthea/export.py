@@ -1,0 +1,437 @@
+"""Turn a simulated `Life` into Synthea-shaped FHIR R4 resources, bundles and bulk NDJSON lines.
+
+Bundle mode: a `transaction` Bundle per patient, `fullUrl: urn:uuid:<id>`, `request {POST, Type}`,
+patient-local references as `urn:uuid:<id>`, providers as Synthea's conditional references.
+Bulk mode: the same resources one per line, every reference rewritten to `Type/id`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fedlab.config import SiteConfig
+from fedlab.synthea import codes
+from fedlab.synthea.lifecycle import (
+    ConditionEvent,
+    Demographics,
+    Encounter,
+    Life,
+    Measurement,
+    MedicationEvent,
+    exported_encounters,
+)
+
+Resource = dict[str, Any]
+# All times are written with one fixed offset (US Eastern standard time): no time-zone database,
+# so output never depends on the machine.
+TZ_SUFFIX = "-05:00"
+
+
+@dataclass(frozen=True)
+class Practitioner:
+    resource_id: str
+    npi: str
+    given: str
+    family: str
+    gender: str
+
+    @property
+    def display(self) -> str:
+        return f"Dr. {self.given} {self.family}"
+
+    @property
+    def conditional_reference(self) -> str:
+        return f"Practitioner?identifier={codes.NPI}|{self.npi}"
+
+
+@dataclass(frozen=True)
+class Providers:
+    """The site's hospital and its clinicians (written once per site, referenced conditionally)."""
+
+    organization_id: str
+    name: str
+    city: codes.City
+    phone: str
+    practitioners: tuple[Practitioner, ...]
+
+    @property
+    def organization_reference(self) -> str:
+        return f"Organization?identifier={codes.SYNTHEA_ID}|{self.organization_id}"
+
+
+# ---------------------------------------------------------------- small builders
+
+def fhir_time(when: dt.datetime) -> str:
+    return f"{when:%Y-%m-%dT%H:%M:%S}{TZ_SUFFIX}"
+
+
+def _coding(system: str, concept: codes.Concept | codes.Lab) -> dict[str, str]:
+    return {"system": system, "code": concept.code, "display": concept.display}
+
+
+def _codeable(system: str, concept: codes.Concept | codes.Lab) -> dict[str, Any]:
+    return {"coding": [_coding(system, concept)], "text": concept.display}
+
+
+def _ref(resource_id: str) -> dict[str, str]:
+    return {"reference": f"urn:uuid:{resource_id}"}
+
+
+def _quantity(value: float, unit: str) -> dict[str, Any]:
+    return {"value": value, "unit": unit, "system": codes.UCUM, "code": unit}
+
+
+def _identifier_type(code: str, display: str) -> dict[str, Any]:
+    return {"coding": [{"system": codes.IDENTIFIER_TYPE, "code": code, "display": display}], "text": display}
+
+
+# ---------------------------------------------------------------- Patient
+
+def _omb_extension(kind: str, concept: codes.Concept) -> dict[str, Any]:
+    return {
+        "url": f"{codes.US_CORE}/us-core-{kind}",
+        "extension": [
+            {"url": "ombCategory", "valueCoding": {"system": codes.OMB_RACE, "code": concept.code,
+                                                   "display": concept.display}},
+            {"url": "text", "valueString": concept.display},
+        ],
+    }
+
+
+def patient_resource(demo: Demographics, death: dt.datetime | None, mothers_maiden: str) -> Resource:
+    ethnicity = codes.HISPANIC if demo.hispanic else codes.NOT_HISPANIC
+    resource: Resource = {
+        "resourceType": "Patient",
+        "id": demo.patient_id,
+        "extension": [
+            _omb_extension("race", codes.RACES[demo.race]),
+            _omb_extension("ethnicity", ethnicity),
+            {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
+             "valueString": mothers_maiden},
+            {"url": f"{codes.US_CORE}/us-core-birthsex", "valueCode": demo.sex},
+            {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
+             "valueAddress": {"city": demo.city.name, "state": codes.STATE, "country": "US"}},
+        ],
+        "identifier": [
+            {"system": codes.SYNTHEA_ID, "value": demo.patient_id},
+            {"type": _identifier_type("MR", "Medical Record Number"),
+             "system": "http://hospital.smarthealthit.org", "value": demo.patient_id},
+            {"type": _identifier_type("SS", "Social Security Number"),
+             "system": "http://hl7.org/fhir/sid/us-ssn", "value": demo.ssn},
+            {"type": _identifier_type("DL", "Driver's License"),
+             "system": "urn:oid:2.16.840.1.113883.4.3.25", "value": demo.drivers_license},
+        ],
+        "name": [{"use": "official", "family": demo.family, "given": [demo.given], "prefix": [demo.prefix]}],
+        "telecom": [{"system": "phone", "value": demo.phone, "use": "home"}],
+        "gender": "female" if demo.sex == "F" else "male",
+        "birthDate": demo.birth_date.isoformat(),
+    }
+    if death is not None:
+        resource["deceasedDateTime"] = fhir_time(death)
+    resource["address"] = [{
+        "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/geolocation", "extension": [
+            {"url": "latitude", "valueDecimal": demo.latitude},
+            {"url": "longitude", "valueDecimal": demo.longitude},
+        ]}],
+        "line": [demo.street], "city": demo.city.name, "state": codes.STATE,
+        "postalCode": demo.city.postal_code, "country": "US",
+    }]
+    resource["maritalStatus"] = {"coding": [{"system": codes.MARITAL, "code": demo.marital,
+                                             "display": demo.marital}], "text": demo.marital}
+    resource["multipleBirthBoolean"] = False
+    resource["communication"] = [{"language": {
+        "coding": [{"system": "urn:ietf:bcp:47", "code": "en-US", "display": "English"}], "text": "English"}}]
+    return resource
+
+
+# ---------------------------------------------------------------- per-encounter resources
+
+class _PatientWriter:
+    def __init__(self, life: Life, site: SiteConfig, providers: Providers) -> None:
+        self.life, self.site, self.providers = life, site, providers
+        demo = life.demographics
+        self.subject = {**_ref(demo.patient_id), "display": f"{demo.prefix} {demo.given} {demo.family}"}
+        self.patient_ref = _ref(demo.patient_id)
+
+    def condition_code(self, concept: str) -> dict[str, Any]:
+        snomed, icd10 = codes.CONDITIONS[concept]
+        if self.site.condition_system == "icd10":
+            return _codeable(codes.ICD10CM, icd10)
+        return _codeable(codes.SNOMED, snomed)
+
+    def encounter(self, enc: Encounter) -> Resource:
+        act_class, concept = codes.ENCOUNTER_TYPES[enc.kind]
+        practitioner = self.providers.practitioners[enc.practitioner]
+        period = {"start": fhir_time(enc.start), "end": fhir_time(enc.end)}
+        resource: Resource = {
+            "resourceType": "Encounter", "id": enc.resource_id, "status": "finished",
+            "class": {"system": codes.ACT_CODE, "code": act_class},
+            "type": [_codeable(codes.SNOMED, concept)],
+            "subject": self.subject,
+            "participant": [{
+                "type": [{"coding": [{"system": codes.PARTICIPATION, "code": "PPRF",
+                                      "display": "primary performer"}], "text": "primary performer"}],
+                "period": period,
+                "individual": {"reference": practitioner.conditional_reference, "display": practitioner.display},
+            }],
+            "period": period,
+        }
+        if enc.reason is not None:
+            resource["reasonCode"] = [self.condition_code(enc.reason.concept)]
+        resource["serviceProvider"] = {"reference": self.providers.organization_reference,
+                                       "display": self.providers.name}
+        return resource
+
+    def condition(self, event: ConditionEvent, enc: Encounter) -> Resource:
+        resolved = event.abatement is not None and event.abatement <= self.life.end
+        resource: Resource = {
+            "resourceType": "Condition", "id": event.resource_id,
+            "clinicalStatus": {"coding": [{"system": codes.CONDITION_CLINICAL,
+                                           "code": "resolved" if resolved else "active"}]},
+            "verificationStatus": {"coding": [{"system": codes.CONDITION_VERIFICATION, "code": "confirmed"}]},
+            "category": [{"coding": [{"system": codes.CONDITION_CATEGORY, "code": "encounter-diagnosis",
+                                      "display": "Encounter Diagnosis"}]}],
+            "code": self.condition_code(event.concept),
+            "subject": self.patient_ref,
+            "encounter": _ref(enc.resource_id),
+            "onsetDateTime": fhir_time(event.onset),
+        }
+        if resolved:
+            resource["abatementDateTime"] = fhir_time(event.abatement)  # type: ignore[arg-type]
+        resource["recordedDate"] = fhir_time(event.onset)
+        return resource
+
+    def _observation(self, resource_id: str, category: str, code: dict[str, Any], enc: Encounter) -> Resource:
+        when = fhir_time(enc.start)
+        return {
+            "resourceType": "Observation", "id": resource_id, "status": "final",
+            "category": [{"coding": [{"system": codes.OBS_CATEGORY, "code": category, "display": category}]}],
+            "code": code, "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
+            "effectiveDateTime": when, "issued": when,
+        }
+
+    def measurement(self, m: Measurement, enc: Encounter) -> Resource:
+        resource = self._observation(m.resource_id, m.category, _codeable(codes.LOINC, m.lab), enc)
+        resource["valueQuantity"] = _quantity(m.value, m.lab.unit)
+        return resource
+
+    def blood_pressure(self, enc: Encounter) -> Resource:
+        systolic, diastolic, resource_id = enc.blood_pressure  # type: ignore[misc]
+        resource = self._observation(resource_id, "vital-signs", _codeable(codes.LOINC, codes.BP_PANEL), enc)
+        resource["component"] = [
+            {"code": _codeable(codes.LOINC, lab), "valueQuantity": _quantity(value, lab.unit)}
+            for lab, value in ((codes.DIASTOLIC, diastolic), (codes.SYSTOLIC, systolic))
+        ]
+        return resource
+
+    def smoking(self, enc: Encounter) -> Resource:
+        status, resource_id = enc.smoking  # type: ignore[misc]
+        resource = self._observation(resource_id, "survey", _codeable(codes.LOINC, codes.SMOKING), enc)
+        resource["valueCodeableConcept"] = _codeable(codes.SNOMED, codes.SMOKING_VALUES[status])
+        return resource
+
+    def procedure(self, concept: codes.Concept, resource_id: str, enc: Encounter) -> Resource:
+        return {
+            "resourceType": "Procedure", "id": resource_id, "status": "completed",
+            "code": _codeable(codes.SNOMED, concept), "subject": self.patient_ref,
+            "encounter": _ref(enc.resource_id),
+            "performedPeriod": {"start": fhir_time(enc.start), "end": fhir_time(enc.end)},
+        }
+
+    def medication_request(self, event: MedicationEvent, enc: Encounter, exported: set[str]) -> Resource:
+        practitioner = self.providers.practitioners[enc.practitioner]
+        resource: Resource = {
+            "resourceType": "MedicationRequest", "id": event.resource_id,
+            "status": "stopped" if event.stop is not None else "active",
+            "intent": "order",
+            "medicationCodeableConcept": _codeable(codes.RXNORM, codes.MEDICATIONS[event.medication]),
+            "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
+            "authoredOn": fhir_time(event.start),
+            "requester": {"reference": practitioner.conditional_reference, "display": practitioner.display},
+        }
+        if event.reason.resource_id in exported:
+            resource["reasonReference"] = [_ref(event.reason.resource_id)]
+        resource["dosageInstruction"] = [{
+            "sequence": 1,
+            "timing": {"repeat": {"frequency": 1, "period": 1.0, "periodUnit": "d"}},
+            "asNeededBoolean": False,
+            "doseAndRate": [{"type": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/dose-rate-type",
+                "code": "ordered", "display": "Ordered"}]}, "doseQuantity": {"value": 1.0}}],
+        }]
+        return resource
+
+    def immunization(self, enc: Encounter) -> Resource:
+        return {
+            "resourceType": "Immunization", "id": enc.immunization_id, "status": "completed",
+            "vaccineCode": _codeable(codes.CVX, codes.FLU_VACCINE), "patient": self.patient_ref,
+            "encounter": _ref(enc.resource_id), "occurrenceDateTime": fhir_time(enc.start),
+            "primarySource": True,
+        }
+
+    def lipid_report(self, enc: Encounter, lipids: list[Measurement]) -> Resource:
+        when = fhir_time(enc.start)
+        return {
+            "resourceType": "DiagnosticReport", "id": enc.lipid_report_id, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                      "code": "LAB", "display": "Laboratory"}]}],
+            "code": _codeable(codes.LOINC, codes.LIPID_PANEL), "subject": self.patient_ref,
+            "encounter": _ref(enc.resource_id), "effectiveDateTime": when, "issued": when,
+            "result": [{**_ref(m.resource_id), "display": m.lab.display} for m in lipids],
+        }
+
+    def careplan(self, enc: Encounter) -> Resource:
+        resource_id, addresses = enc.careplan  # type: ignore[misc]
+        activities = [{"detail": {"code": _codeable(codes.SNOMED, concept), "status": "in-progress",
+                                  "location": {"display": self.providers.name}}}
+                      for concept in (codes.DIABETIC_DIET, codes.EXERCISE_THERAPY)]
+        return {
+            "resourceType": "CarePlan", "id": resource_id,
+            "status": "active" if self.life.death is None else "completed", "intent": "order",
+            "category": [
+                {"coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/careplan-category",
+                             "code": "assess-plan"}]},
+                _codeable(codes.SNOMED, codes.DIABETES_CAREPLAN),
+            ],
+            "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
+            "period": {"start": fhir_time(enc.start)},
+            "addresses": [_ref(addresses.resource_id)],
+            "activity": activities,
+        }
+
+    def encounter_resources(self, enc: Encounter, exported: set[str]) -> list[Resource]:
+        """Synthea's order: Encounter, Condition, Observation, Procedure, MedicationRequest,
+        Immunization, DiagnosticReport, CarePlan."""
+        out = [self.encounter(enc)]
+        out += [self.condition(c, enc) for c in enc.conditions]
+        vitals = [m for m in enc.measurements if m.category == "vital-signs"]
+        labs = [m for m in enc.measurements if m.category == "laboratory"]
+        out += [self.measurement(m, enc) for m in vitals[:3]]
+        if enc.blood_pressure is not None:
+            out.append(self.blood_pressure(enc))
+        out += [self.measurement(m, enc) for m in vitals[3:] + labs]
+        if enc.smoking is not None:
+            out.append(self.smoking(enc))
+        out += [self.procedure(concept, rid, enc) for concept, rid in enc.procedures]
+        out += [self.medication_request(m, enc, exported) for m in enc.medications]
+        if enc.immunization_id is not None:
+            out.append(self.immunization(enc))
+        lipid_codes = {codes.CHOLESTEROL.code, codes.TRIGLYCERIDES.code, codes.LDL.code, codes.HDL.code}
+        lipids = [m for m in labs if m.lab.code in lipid_codes]
+        if enc.lipid_report_id is not None and lipids:
+            out.append(self.lipid_report(enc, lipids))
+        if enc.careplan is not None:
+            out.append(self.careplan(enc))
+        return out
+
+
+def patient_resources(life: Life, site: SiteConfig, providers: Providers, mothers_maiden: str) -> list[Resource]:
+    """All of one patient's resources in bundle order (Patient first)."""
+    writer = _PatientWriter(life, site, providers)
+    encounters = exported_encounters(life)
+    exported = {c.resource_id for enc in encounters for c in enc.conditions}
+    resources = [patient_resource(life.demographics, life.death, mothers_maiden)]
+    for enc in encounters:
+        resources += writer.encounter_resources(enc, exported)
+    return resources
+
+
+# ---------------------------------------------------------------- bundles and bulk lines
+
+def transaction_bundle(resources: Iterable[Resource]) -> Resource:
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r,
+                   "request": {"method": "POST", "url": r["resourceType"]}} for r in resources],
+    }
+
+
+def dumps(data: Any) -> str:
+    """Compact, deterministic JSON (keys in the order they were built, as Synthea's exporter does)."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+_URN = re.compile(r'"urn:uuid:([0-9a-f-]{36})"')
+_CONDITIONAL = re.compile(r'"(Organization|Practitioner)\?identifier=[^|"]+\|([^"]+)"')
+
+
+class BulkRewriter:
+    """Rewrites bundle-mode references (`urn:uuid:`, conditional) into bulk-mode `Type/id`."""
+
+    def __init__(self, providers: Providers) -> None:
+        self.practitioner_ids = {p.npi: p.resource_id for p in providers.practitioners}
+        self.organization_id = providers.organization_id
+
+    def _conditional(self, match: re.Match[str]) -> str:
+        kind, value = match.group(1), match.group(2)
+        if kind == "Organization":
+            return f'"Organization/{value}"'
+        return f'"Practitioner/{self.practitioner_ids[value]}"'
+
+    def lines(self, resources: list[Resource]) -> list[tuple[str, str]]:
+        """(resource type, NDJSON line) for each resource."""
+        types = {r["id"]: r["resourceType"] for r in resources}
+
+        def local(match: re.Match[str]) -> str:
+            return f'"{types[match.group(1)]}/{match.group(1)}"'
+
+        out = []
+        for r in resources:
+            text = _CONDITIONAL.sub(self._conditional, _URN.sub(local, dumps(r)))
+            out.append((r["resourceType"], text))
+        return out
+
+
+# ---------------------------------------------------------------- providers
+
+def organization_resource(providers: Providers) -> Resource:
+    city = providers.city
+    return {
+        "resourceType": "Organization", "id": providers.organization_id,
+        "identifier": [{"system": codes.SYNTHEA_ID, "value": providers.organization_id}],
+        "active": True,
+        "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/organization-type",
+                              "code": "prov", "display": "Healthcare Provider"}], "text": "Healthcare Provider"}],
+        "name": providers.name,
+        "telecom": [{"system": "phone", "value": providers.phone}],
+        "address": [{"line": ["1 HOSPITAL DRIVE"], "city": city.name.upper(), "state": "MA",
+                     "postalCode": city.postal_code, "country": "US"}],
+    }
+
+
+def practitioner_resource(p: Practitioner, providers: Providers) -> Resource:
+    city = providers.city
+    return {
+        "resourceType": "Practitioner", "id": p.resource_id,
+        "identifier": [{"system": codes.NPI, "value": p.npi}],
+        "active": True,
+        "name": [{"family": p.family, "given": [p.given], "prefix": ["Dr."]}],
+        "telecom": [{"system": "email", "value": f"{p.given}.{p.family}@example.com", "use": "work"}],
+        "address": [{"line": ["1 HOSPITAL DRIVE"], "city": city.name.upper(), "state": "MA",
+                     "postalCode": city.postal_code, "country": "US"}],
+        "gender": p.gender,
+    }
+
+
+def provider_bundles(providers: Providers) -> tuple[Resource, Resource]:
+    """(hospitalInformation bundle, practitionerInformation bundle) as Synthea writes them."""
+    organization = organization_resource(providers)
+    practitioners = [practitioner_resource(p, providers) for p in providers.practitioners]
+    return _conditional_bundle([organization]), _conditional_bundle(practitioners)
+
+
+def _conditional_bundle(resources: list[Resource]) -> Resource:
+    """Synthea's provider bundles create each provider only if absent (conditional create)."""
+    entries = []
+    for r in resources:
+        system, value = r["identifier"][0]["system"], r["identifier"][0]["value"]
+        entries.append({"fullUrl": f"urn:uuid:{r['id']}", "resource": r,
+                        "request": {"method": "POST", "url": r["resourceType"],
+                                    "ifNoneExist": f"identifier={system}|{value}"}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}

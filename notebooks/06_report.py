@@ -1,0 +1,46 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (fedlab)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Report: results with confidence intervals, figures, claims, manifest
+#
+# **What this step does.** Collects the training results into `reports/<run>/results.md` with
+# 95% confidence intervals, figures (PNG and SVG), the source article's claims next to what this
+# run measured, and `manifest.json` (config, seeds, package versions, git commit, machine,
+# timings) so that anyone can rerun it exactly.
+
+# %% tags=["parameters"]
+config = "../configs/quickstart.yaml"
+run = ""
+force = False
+overrides = ""
+
+# %%
+from IPython.display import Image, Markdown, display
+
+from fedlab.pipeline import load_for_notebook
+from fedlab.report import write_report
+
+exp = load_for_notebook(config, overrides)
+run = run or exp.name
+results_md = write_report(exp, run)
+print(results_md)
+
+# %%
+display(Markdown(results_md.read_text()))
+
+# %%
+for png in sorted((results_md.parent / "figures").glob("*.png")):
+    display(Image(filename=str(png)))
+
+# %% [markdown]
+# ## Questions
+# 1. Read the claims table: under which baseline would "+19.3%" be true for this run, if any?
+# 2. Which numbers in `manifest.json` would you need to rerun this exactly on another machine?

@@ -1,0 +1,88 @@
+"""The Experiment config: shipped configs load; bad keys and types are errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedlab.config import ConfigError, experiment_from_dict, load_experiment, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = {"id": "alpha", "patients": 10, "seed": 1}
+
+
+@pytest.mark.parametrize("name", ["quickstart", "smoke", "paper"])
+def test_shipped_configs_load(name: str) -> None:
+    exp = load_experiment(ROOT / "configs" / f"{name}.yaml")
+    assert exp.name == name
+    assert exp.root == ROOT
+    assert len(set(exp.site_ids)) == len(exp.sites)
+
+
+def test_quickstart_sites_differ_in_the_ways_the_method_needs() -> None:
+    exp = load_experiment(ROOT / "configs" / "quickstart.yaml")
+    assert 3 <= len(exp.sites) <= 4
+    assert 200 <= sum(s.patients for s in exp.sites) <= 600
+    assert {s.glucose_unit for s in exp.sites} == {"mg/dL", "mmol/L"}
+    assert {s.condition_system for s in exp.sites} == {"snomed", "icd10"}
+    assert len({s.patients for s in exp.sites}) > 1
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"sites\.0\.patiens: unknown key"):
+        experiment_from_dict({"name": "x", "sites": [{"id": "a", "patiens": 3, "patients": 1, "seed": 0}]})
+
+
+def test_unknown_top_level_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"trian: unknown key"):
+        experiment_from_dict({"name": "x", "sites": [SITE], "trian": {}})
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"train\.rounds: .*integer"):
+        experiment_from_dict({"name": "x", "sites": [SITE], "train": {"rounds": "many"}})
+
+
+@pytest.mark.parametrize(("site_patch", "key"), [
+    ({"patients": -5}, "sites.0.patients"),
+    ({"race_mix": {"white": 0.5, "black": 0.2}}, "sites.0.race_mix"),
+    ({"glucose_unit": "g/L"}, "sites.0.glucose_unit"),
+    ({"lab_missingness": 1.5}, "sites.0.lab_missingness"),
+])
+def test_impossible_site_values_are_rejected(site_patch: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        experiment_from_dict({"name": "x", "sites": [{**SITE, **site_patch}]})
+
+
+def test_duplicate_site_ids_rejected() -> None:
+    with pytest.raises(ConfigError, match="duplicate site ids: alpha"):
+        experiment_from_dict({"name": "x", "sites": [SITE, SITE]})
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsites:\n  - id: a\n   patients: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+ not valid YAML"):
+        load_experiment(bad)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment("/nonexistent/config.yaml")
+
+
+def test_overrides_apply_dotted_keys() -> None:
+    exp = load_experiment(ROOT / "configs" / "smoke.yaml",
+                          dict([parse_override("train.rounds=7"), parse_override("sites.0.patients=12")]))
+    assert exp.train.rounds == 7
+    assert exp.sites[0].patients == 12
+
+
+def test_paths_follow_the_data_contract(tmp_path: Path) -> None:
+    exp = experiment_from_dict({"name": "demo", "sites": [SITE]}, root=tmp_path)
+    assert exp.data_path("synthea", None, "alpha") == tmp_path / "data" / "synthea" / "demo" / "alpha"
+    assert exp.data_path("features", "r2", "alpha") == tmp_path / "data" / "features" / "r2" / "alpha"
+    assert exp.report_path() == tmp_path / "reports" / "demo"
+    with pytest.raises(ConfigError, match="no site named 'beta'"):
+        exp.site("beta")

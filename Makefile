@@ -20,6 +20,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements/lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fedlab)" >/dev/null
+	@if [ -d .git ]; then $(VENV)/bin/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true; fi
 	@touch $(STAMP)
 	@echo "fedlab environment ready in $(VENV)"
 

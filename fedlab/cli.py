@@ -78,8 +78,17 @@ def cmd_reproduce(args: argparse.Namespace) -> Any:
     from fedlab.pipeline import reproduce
 
     overrides = dict(parse_override(item) for item in args.set or [])
-    return reproduce(args.config, run=args.run, overrides=overrides, force=args.force,
-                     notebooks=args.notebook or None)
+    forced = args.force or []
+    force: bool | list[str] = True if "all" in forced else forced
+    if args.dry_run:
+        from fedlab.pipeline import STAGE_NAMES, _stage_names, plan
+
+        exp = load_experiment(args.config, overrides)
+        start = _stage_names([args.start_from], "--from")[0] if args.start_from else None
+        steps = plan(exp, args.run or exp.name, list(STAGE_NAMES) if force is True else force, start)
+        return "\n".join(f"{s['stage']:<9} {s['action']:<7} {s['why']}" for s in steps)
+    return reproduce(args.config, run=args.run, overrides=overrides, force=force,
+                     start_from=args.start_from, notebooks=args.notebook or None)
 
 
 def cmd_doctor(args: argparse.Namespace) -> Any:
@@ -116,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run", default=None, help="run name (default: the experiment's name)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.rounds=3 (repeatable)")
-        p.add_argument("--force", action="store_true", help="redo work even if outputs are complete")
+        if verb == "reproduce":
+            p.add_argument("--force", action="append", nargs="?", const="all", metavar="STAGE",
+                           help="redo STAGE even if cached (repeatable); without STAGE, redo every stage")
+            p.add_argument("--from", dest="start_from", metavar="STAGE", help="redo STAGE and every stage after it")
+            p.add_argument("--dry-run", action="store_true", help="print what would run, and why, then stop")
+        else:
+            p.add_argument("--force", action="store_true", help="redo work even if outputs are complete")
         if verb in ("generate", "export", "flatten", "features", "serve"):
             p.add_argument("--site", action="append", help="only this site (repeatable)")
         if verb == "serve":

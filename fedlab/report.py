@@ -341,5 +341,37 @@ def write_report(exp: Experiment, run: str | None = None) -> Path:
     figures = make_figures(exp, results, out / "figures")
     with atomic_open(out / "results.md", "w", encoding="utf-8") as handle:
         handle.write(results_markdown(exp, results, figures))
-    write_json(out / "manifest.json", build_manifest(exp, run, results))
+    manifest = build_manifest(exp, run, results)
+    write_json(out / "manifest.json", manifest)
+    write_html(out / "results.md", out / "report.html", manifest)
     return out / "results.md"
+
+
+def write_html(results_md: Path, target: Path, manifest: dict[str, Any]) -> Path:
+    """One self-contained HTML file (figures inlined) that can be sent to a colleague."""
+    import base64
+    import html
+    import json
+    import re
+
+    import markdown
+
+    body = markdown.markdown(results_md.read_text(encoding="utf-8"), extensions=["tables", "fenced_code"])
+
+    def inline(match: re.Match[str]) -> str:
+        image = results_md.parent / match.group(1)
+        if not image.is_file():
+            return match.group(0)
+        data = base64.b64encode(image.read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    manifest_text = html.escape(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(manifest['run'])}</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%}img{max-width:100%}</style></head><body>"
+            f"{body}<h2>Manifest</h2><details><summary>manifest.json</summary><pre>{manifest_text}</pre>"
+            "</details></body></html>")
+    with atomic_open(target, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    return target

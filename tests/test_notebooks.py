@@ -15,7 +15,7 @@ import pytest
 
 from fedlab.errors import FedlabError
 from fedlab.io import read_json
-from fedlab.pipeline import PIPELINE_NOTEBOOKS, reproduce, run_notebook
+from fedlab.pipeline import PIPELINE_NOTEBOOKS, plan, reproduce, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -109,8 +109,33 @@ def test_reproduce_smoke_end_to_end(smoke_experiment) -> None:
     run_notebook(ROOT / "notebooks" / "00_quickstart.ipynb", out,
                  {"config": str(exp.source), "run": "", "force": False, "overrides": ""}, ROOT / "notebooks")
     assert json.loads(json.dumps(read_json(report / "results.json")["rows"])) == rows
+    # warm rerun: every stage cached; a deleted output is rebuilt, and only that stage reruns
+    said: list[str] = []
+    reproduce(exp.source, echo=said.append)
+    assert sum("cached" in line for line in said) == len(PIPELINE_NOTEBOOKS), said
+    shutil.rmtree(exp.data_path("features", None, exp.site_ids[-1]))
+    steps = {s["stage"]: s["action"] for s in plan(exp, exp.name, [], None)}
+    assert steps == {"generate": "skip", "export": "skip", "flatten": "skip", "features": "resume",
+                     "train": "skip", "report": "skip"}
     time.sleep(1)
     leftovers = _orphan_workers(started)
     for proc in leftovers:
         proc.kill()
     assert not leftovers, "a TFF worker_binary outlived its notebook kernel"
+
+
+def test_notebook_without_parameters_cell_is_named(tmp_path: Path, smoke_experiment) -> None:
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("config = ''")]
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    nbformat.write(nb, folder / PIPELINE_NOTEBOOKS[0])
+    with pytest.raises(FedlabError, match=r"01_synthea_generation\.ipynb: expected exactly one cell tagged "
+                                          r"`parameters`, found 0"):
+        reproduce(smoke_experiment.source, notebooks=["generate"], notebooks_dir=folder)
+
+
+def test_unknown_stage_name_is_a_clear_error(smoke_experiment) -> None:
+    with pytest.raises(FedlabError, match="no stage named 'trian'"):
+        reproduce(smoke_experiment.source, force=["trian"])

@@ -62,6 +62,8 @@ def test_write_report_files(tmp_path: Path) -> None:
     figures = exp.report_path() / "figures"
     assert {p.name for p in figures.iterdir()} >= {"auroc_by_site.png", "auroc_by_site.svg",
                                                    "local_kxk_auroc.png", "local_kxk_auroc.svg"}
+    page = (exp.report_path() / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page and "manifest.json" in page
     manifest = read_json(exp.report_path() / "manifest.json")
     assert manifest["config"]["name"] == "t"
     assert "tensorflow-federated" in manifest["packages"]

@@ -793,11 +793,13 @@ class SiteServer:
         if self._server is None:
             return
         self.state.shutdown()
-        self._server.close()
-        wasyncore.close_all(self._server._map)  # also closes open channels so run() returns
-        self._server.task_dispatcher.shutdown()
+        server_map = self._server._map
+        # Close every socket from inside the server's own loop thread (closing them from here races
+        # with its select()); with an empty map the loop returns.
+        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(server_map, ignore_all=True))
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._server.task_dispatcher.shutdown()
         self._server = None
 
     def __enter__(self) -> SiteServer:

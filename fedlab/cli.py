@@ -100,6 +100,18 @@ def cmd_doctor(args: argparse.Namespace) -> Any:
     return "all checks passed"
 
 
+def cmd_views(args: argparse.Namespace) -> Any:
+    from fedlab.views.suite import run_suite
+
+    report = run_suite(args.folder)
+    print(json.dumps(report, indent=2, default=str))
+    totals = report.get("total", report.get("totals", {}))
+    rate = totals.get("pass_rate", 1.0) if isinstance(totals, dict) else 1.0
+    if args.min_pass_rate is not None and rate < args.min_pass_rate:
+        raise FedlabError(f"pass rate {rate:.3f} below --min-pass-rate {args.min_pass_rate}")
+    return None
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
     "generate": (cmd_generate, "generate each site's synthetic FHIR R4 population"),
     "serve": (cmd_serve, "serve one site's data over FHIR Bulk Data + SMART Backend Services"),
@@ -109,6 +121,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
     "train": (cmd_train, "train federated and baseline models with TensorFlow Federated"),
     "report": (cmd_report, "write results.md, figures and manifest.json"),
     "reproduce": (cmd_reproduce, "run every notebook in order with papermill"),
+    "views": (cmd_views, "SQL-on-FHIR v2 ViewDefinitions: `fedlab views test DIR` runs a test-suite folder"),
     "doctor": (cmd_doctor, "check Python, Java, Spark, TFF and the Jupyter kernel"),
 }
 
@@ -120,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         if verb == "doctor":
+            continue
+        if verb == "views":
+            views = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+            test = views.add_parser("test", help="run every SQL-on-FHIR test file in a folder; print pass rates")
+            test.add_argument("folder", type=Path)
+            test.add_argument("--min-pass-rate", type=float, default=None, help="fail below this pass rate")
             continue
         p.add_argument("--config", required=True, type=Path, help="experiment YAML, e.g. configs/quickstart.yaml")
         p.add_argument("--run", default=None, help="run name (default: the experiment's name)")

@@ -45,6 +45,9 @@ class SiteConfig(_Strict):
     lab_missingness: float = Field(0.1, ge=0, lt=1)
     glucose_unit: Literal["mg/dL", "mmol/L"] = "mg/dL"
     condition_system: Literal["snomed", "icd10"] = "snomed"
+    # Where the site is, for `generate.engine: synthea-jar` (Synthea's demographics come from it).
+    state: str = "Massachusetts"
+    city: str | None = None
 
     @field_validator("race_mix")
     @classmethod

@@ -57,6 +57,45 @@ counts = {s: {f["type"]: f.get("count") for f in read_json(p / "manifest.json").
 pd.DataFrame(counts).fillna(0).astype(int)
 
 # %% [markdown]
+# ## SMART Backend Services up close: a signed assertion gets a token, a forged one does not
+#
+# We start one site's server by hand, register a node's public key (JWKS), and ask for a token
+# twice: once with an assertion signed by the registered private key, once with an assertion
+# signed by a key the server has never seen.
+
+# %%
+import requests
+
+from fedlab.fhir.export import site_bulk_dir
+from fedlab.fhir.server import SiteServer
+from fedlab.fhir.smart import ClientKey, ClientRegistry, make_client_assertion
+
+node_key, intruder_key = ClientKey.generate("ES384"), ClientKey.generate("ES384")
+registry = ClientRegistry()
+registry.register("demo-node", node_key.jwks(), "system/*.rs")
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+with SiteServer(site_bulk_dir(exp, run, site), registry) as server:
+    smart = requests.get(f"{server.base_url}/.well-known/smart-configuration", timeout=10).json()
+    token_url = smart["token_endpoint"]
+    answers = {}
+    for who, key in (("registered key", node_key), ("forged key", intruder_key)):
+        form = {"grant_type": "client_credentials", "scope": "system/*.rs",
+                "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": make_client_assertion("demo-node", token_url, key)}
+        reply = requests.post(token_url, data=form, timeout=10)
+        answers[who] = {"status": reply.status_code,
+                        **{k: v for k, v in reply.json().items() if k != "access_token"}}
+    no_token = requests.get(f"{server.base_url}/$export", headers={"Prefer": "respond-async",
+                            "Accept": "application/fhir+json"}, timeout=10)
+print(json.dumps({k: smart[k] for k in ("token_endpoint", "token_endpoint_auth_methods_supported",
+                                        "capabilities")}, indent=2))
+pd.DataFrame(answers).T
+
+# %%
+print("kick-off without a token:", no_token.status_code, no_token.json()["issue"][0]["diagnostics"])
+
+# %% [markdown]
 # ## Exercises
 # 1. Start one site by hand with `fedlab serve --config ../configs/quickstart.yaml --site general` and fetch `/.well-known/smart-configuration`.
 # 2. Why must the client never infer anything from the output file names?

@@ -8,6 +8,7 @@ passed through unchanged.
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ def spark_conf(config: SparkConfig | None = None, seed: int = 0) -> dict[str, st
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.fedlab.seed": str(seed),
     }
+    if resolve_master(config).startswith("local"):
+        # Python workers must run this interpreter (the venv), not whatever `python3` is on PATH.
+        conf["spark.pyspark.python"] = sys.executable
+        conf["spark.pyspark.driver.python"] = sys.executable
     if config:
         conf.update(config.conf)
     return conf

@@ -105,8 +105,7 @@ def cmd_views(args: argparse.Namespace) -> Any:
 
     report = run_suite(args.folder)
     print(json.dumps(report, indent=2, default=str))
-    totals = report.get("total", report.get("totals", {}))
-    rate = totals.get("pass_rate", 1.0) if isinstance(totals, dict) else 1.0
+    rate = float(report["pass_rate"])
     if args.min_pass_rate is not None and rate < args.min_pass_rate:
         raise FedlabError(f"pass rate {rate:.3f} below --min-pass-rate {args.min_pass_rate}")
     return None

@@ -46,3 +46,13 @@ def test_console_entry_point_runs() -> None:
     assert done.returncode == 0
     for verb in VERBS:
         assert verb in done.stdout
+
+
+def test_views_test_verb_prints_pass_rates(reference_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    suite = reference_dir / "sql-on-fhir-v2-tests"
+    assert main(["views", "test", str(suite), "--min-pass-rate", "0.95"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cases"] == 134 and report["pass_rate"] >= 0.95 and report["shareable_pass_rate"] >= 0.95
+    assert main(["views", "test", str(suite), "--min-pass-rate", "1.01"]) == 2

@@ -53,11 +53,13 @@ RESOURCES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def write_bulk(folder: Path, resources: dict[str, list[dict[str, Any]]] = RESOURCES) -> Path:
+def write_bulk(folder: Path, resources: dict[str, list[dict[str, Any]]] = RESOURCES, compact: bool = True) -> Path:
+    """Compact lines (as generated) take the server's no-parse fast path; spaced ones are parsed."""
     bulk = folder / "bulk"
     bulk.mkdir(parents=True, exist_ok=True)
+    separators = (",", ":") if compact else (", ", ": ")
     for name, rows in resources.items():
-        (bulk / f"{name}.ndjson").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (bulk / f"{name}.ndjson").write_text("".join(json.dumps(r, separators=separators) + "\n" for r in rows))
     return bulk
 
 
@@ -309,12 +311,28 @@ def test_token_refreshed_after_401_mid_export(bulk_dir: Path, registry: ClientRe
     assert files[0].lines == 3 and sum(e.startswith("401") for e in client.events) == 2
 
 
-def test_bad_source_line_fails_job_with_file_and_line(tmp_path: Path, registry: ClientRegistry, key: ClientKey) -> None:
+def test_spaced_json_lines_give_same_results(tmp_path: Path, registry: ClientRegistry, key: ClientKey,
+                                             site: SiteServer) -> None:
+    spaced = write_bulk(tmp_path / "spaced", compact=False)
+    runs = [("system", {}), ("system", {"since": "2024-01-01T00:00:00Z"}), ("patient", {"patients": ["p2"]})]
+    with SiteServer(spaced, registry) as spaced_site, client_for(spaced_site, key) as spaced_client, \
+            client_for(site, key) as compact_client:
+        for index, (level, args) in enumerate(runs):
+            a = spaced_client.export(tmp_path / f"a{index}", level, **args)
+            b = compact_client.export(tmp_path / f"b{index}", level, **args)
+            assert exported_ids(a, tmp_path / f"a{index}") == exported_ids(b, tmp_path / f"b{index}")
+
+
+@pytest.mark.parametrize("bad_line,message", [("{not json", "not valid JSON"),
+                                              ('{"resourceType":"Patient","id":"cut', "not valid JSON"),
+                                              ('{"resourceType":"Encounter","id":"e9"}', "expected a Patient resource, found 'Encounter'")])
+def test_bad_source_line_fails_job_with_file_and_line(tmp_path: Path, registry: ClientRegistry, key: ClientKey,
+                                                      bad_line: str, message: str) -> None:
     bulk = write_bulk(tmp_path / "site", {"Patient": RESOURCES["Patient"]})
     with open(bulk / "Patient.ndjson", "a") as handle:
-        handle.write("{not json\n")
+        handle.write("\n" + bad_line + "\n")
     with SiteServer(bulk, registry) as server, client_for(server, key) as client:
-        with pytest.raises(BulkDataError, match=r"Patient.ndjson:4: not valid JSON"):
+        with pytest.raises(BulkDataError, match=rf"Patient.ndjson:5: {message}"):
             client.export(tmp_path / "out")
 
 

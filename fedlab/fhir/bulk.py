@@ -309,7 +309,7 @@ class BulkDataClient:
             if response.status_code != 200:
                 raise BulkDataError(f"{url}: download failed (HTTP {response.status_code}): {_describe(response)}")
             with open(tmp, "wb") as handle:
-                for chunk in response.iter_content(chunk_size=1 << 16):
+                for chunk in response.iter_content(chunk_size=1 << 18):
                     if not chunk:
                         continue
                     if size == 0 and on_first_byte is not None:

@@ -70,7 +70,7 @@ def export_site(exp: Experiment, run: str | None, site: str, bulk_dir: Path, pro
     started_at = dt.datetime.now(dt.UTC).isoformat()
     with SiteServer(bulk_dir, registry, host=exp.export.host) as server, staging_dir(final) as staging:
         with BulkDataClient(server.base_url, client_id, key, exp.export.scope, progress=progress,
-                            min_wait_s=0.05, max_retry_after_s=2.0) as client:
+                            min_wait_s=0.05, max_retry_after_s=0.5) as client:
             result = client.export(staging, "system", types=list(exp.export.types))
         write_json(staging / "manifest.json", _local_manifest(result, server.base_url, exp.export.scope))
         mark_complete(staging, _success_info(site, run or exp.name, result, started_at,

@@ -44,6 +44,7 @@ KICKOFF_PARAMETERS = ("_type", "_since", "_outputFormat", "_typeFilter", "_eleme
 MANDATORY_ELEMENTS = ("resourceType", "id", "meta")
 PATIENT_LINKS = ("subject", "patient", "beneficiary")
 GROUP_ALL = "all"
+_PATIENT_REFERENCE = re.compile(r'"(?:Patient/|urn:uuid:)([^"]+)"')
 BULK_BASE = "http://hl7.org/fhir/uv/bulkdata"
 # Token search parameters supported inside `_typeFilter`: search parameter -> element (per type).
 TOKEN_SEARCH = {
@@ -317,10 +318,27 @@ class _Selector:
     """Decides which resources of one type a job exports, and trims them to `_elements`."""
 
     def __init__(self, export: ExportRequest, resource_type: str, default_updated: dt.datetime) -> None:
-        self.export = export
+        self.export, self.resource_type = export, resource_type
         self.filters = [f for f in export.type_filters if f.resource_type == resource_type]
         self.elements = export.elements_for(resource_type)
         self.default_updated = default_updated
+
+    def decide_unparsed(self, line: str) -> bool | None:
+        """Keep (True) / drop (False) a raw line when that needs no parsing; None means parse it."""
+        export = self.export
+        if export.patients and not self._may_belong_to_patients(line, export.patients):
+            return False
+        if export.level != "system" or self.filters or self.elements is not None:
+            return None
+        if export.since is not None:
+            return None if '"lastUpdated"' in line else self.default_updated > export.since
+        return True
+
+    def _may_belong_to_patients(self, line: str, patients: frozenset[str]) -> bool:
+        # Cheap superset test: a resource linked to patient X holds the text `Patient/X` (or `urn:uuid:X`).
+        if self.resource_type == "Patient":
+            return any(patient in line for patient in patients)
+        return not patients.isdisjoint(_PATIENT_REFERENCE.findall(line))
 
     def keep(self, resource: dict[str, Any], where: str) -> bool:
         export = self.export
@@ -476,22 +494,42 @@ def _export_type(state: SiteState, job: ExportJob, resource_type: str, default_u
         return
     selector = _Selector(job.export, resource_type, default_updated)
     writer = _OutputWriter(job.folder, resource_type, state.options.max_lines_per_file)
+    typed_prefix = f'{{"resourceType":"{resource_type}"'
     try:
-        for number, (line, resource) in enumerate(_read_ndjson(path), start=1):
-            if resource.get("resourceType") != resource_type:
-                raise ValueError(f"{path}:{number}: resourceType {resource.get('resourceType')!r} "
-                                 f"in the {resource_type} file")
-            if number % 5000 == 0 and job.cancel.is_set():
-                return
-            if not selector.keep(resource, f"{path}:{number}"):
-                continue
-            trimmed = selector.trim(resource)
-            writer.write(line if trimmed is None else json.dumps(trimmed, separators=(",", ":")) + "\n")
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if number % 5000 == 0 and job.cancel.is_set():
+                    return
+                if not line.strip():
+                    continue
+                line = line if line.endswith("\n") else line + "\n"
+                looks_whole = line.startswith(typed_prefix) and line.rstrip().endswith("}")
+                decision = selector.decide_unparsed(line) if looks_whole else None
+                if decision is None:
+                    resource = _parse_line(line, path, number, resource_type)
+                    if not selector.keep(resource, f"{path}:{number}"):
+                        continue
+                    trimmed = selector.trim(resource)
+                    line = line if trimmed is None else json.dumps(trimmed, separators=(",", ":")) + "\n"
+                elif not decision:
+                    continue
+                writer.write(line)
     finally:
         writer.close()
     for name, count in writer.files:
         job.outputs.append({"type": resource_type, "url": f"{state.base_url}/files/{job.id}/{name}",
                             "count": count})
+
+
+def _parse_line(line: str, path: Path, number: int, resource_type: str) -> dict[str, Any]:
+    try:
+        resource = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
+        found = resource.get("resourceType") if isinstance(resource, dict) else type(resource).__name__
+        raise ValueError(f"{path}:{number}: expected a {resource_type} resource, found {found!r}")
+    return resource
 
 
 def _report_missing_patients(state: SiteState, job: ExportJob) -> None:

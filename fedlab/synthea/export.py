@@ -8,6 +8,7 @@ Bulk mode: the same resources one per line, every reference rewritten to `Type/i
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -67,14 +68,16 @@ class Providers:
 # ---------------------------------------------------------------- small builders
 
 def fhir_time(when: dt.datetime) -> str:
-    return f"{when:%Y-%m-%dT%H:%M:%S}{TZ_SUFFIX}"
+    return when.isoformat(timespec="seconds") + TZ_SUFFIX
 
 
 def _coding(system: str, concept: codes.Concept | codes.Lab) -> dict[str, str]:
     return {"system": system, "code": concept.code, "display": concept.display}
 
 
+@functools.cache
 def _codeable(system: str, concept: codes.Concept | codes.Lab) -> dict[str, Any]:
+    """Shared between resources (never mutated): building these dicts is a hot path."""
     return {"coding": [_coding(system, concept)], "text": concept.display}
 
 
@@ -352,6 +355,16 @@ def transaction_bundle(resources: Iterable[Resource]) -> Resource:
     }
 
 
+def transaction_bundle_json(resources: list[Resource], resource_json: list[str]) -> str:
+    """`dumps(transaction_bundle(resources))`, assembled from already-serialized resources."""
+    entries = ",".join(
+        f'{{"fullUrl":"urn:uuid:{r["id"]}","resource":{text},'
+        f'"request":{{"method":"POST","url":"{r["resourceType"]}"}}}}'
+        for r, text in zip(resources, resource_json, strict=True)
+    )
+    return f'{{"resourceType":"Bundle","type":"transaction","entry":[{entries}]}}'
+
+
 def dumps(data: Any) -> str:
     """Compact, deterministic JSON (keys in the order they were built, as Synthea's exporter does)."""
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
@@ -374,18 +387,16 @@ class BulkRewriter:
             return f'"Organization/{value}"'
         return f'"Practitioner/{self.practitioner_ids[value]}"'
 
-    def lines(self, resources: list[Resource]) -> list[tuple[str, str]]:
-        """(resource type, NDJSON line) for each resource."""
+    def lines(self, resources: list[Resource], resource_json: list[str]) -> list[tuple[str, str]]:
+        """(resource type, NDJSON line) for each resource, given each resource's bundle-mode JSON."""
         types = {r["id"]: r["resourceType"] for r in resources}
 
         def local(match: re.Match[str]) -> str:
             return f'"{types[match.group(1)]}/{match.group(1)}"'
 
-        out = []
-        for r in resources:
-            text = _CONDITIONAL.sub(self._conditional, _URN.sub(local, dumps(r)))
-            out.append((r["resourceType"], text))
-        return out
+        # One pass over all lines joined by newlines (serialized JSON never holds a raw newline).
+        joined = _CONDITIONAL.sub(self._conditional, _URN.sub(local, "\n".join(resource_json)))
+        return list(zip((r["resourceType"] for r in resources), joined.split("\n"), strict=True))
 
 
 # ---------------------------------------------------------------- providers

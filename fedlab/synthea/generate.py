@@ -6,6 +6,7 @@ so the output is byte-identical for the same configuration whatever the number o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import multiprocessing
 import tempfile
@@ -33,9 +34,9 @@ from fedlab.synthea.export import (
     patient_resources,
     practitioner_resource,
     provider_bundles,
-    transaction_bundle,
+    transaction_bundle_json,
 )
-from fedlab.synthea.lifecycle import exported_encounters, simulate_life
+from fedlab.synthea.lifecycle import Rng, exported_encounters, simulate_life
 
 GENERATOR = "fedlab.synthea/python-1"
 PRACTITIONERS_PER_SITE = 8
@@ -57,8 +58,9 @@ class SiteJob:
 @dataclass(frozen=True)
 class PatientRecord:
     file_name: str
-    bundle_json: str
-    ndjson_lines: list[tuple[str, str]]
+    bundle_json: str  # empty once a worker has written the bundle file itself
+    ndjson: dict[str, str]  # resource type -> its NDJSON lines, newline-terminated
+    counts: dict[str, int]
     conditions: frozenset[str]  # concepts diagnosed in the exported record
     deceased: bool
 
@@ -74,9 +76,7 @@ def patient_seed(experiment_seed: int, site_seed: int, index: int) -> int:
 
 def site_providers(experiment_seed: int, site: SiteConfig) -> Providers:
     """The site's hospital and clinicians, drawn from the site's own provider stream."""
-    from fedlab.synthea.lifecycle import _Rng  # the same id/draw helpers the patients use
-
-    rng = _Rng(_seed(experiment_seed, site.seed, _PROVIDER_STREAM))
+    rng = Rng(_seed(experiment_seed, site.seed, _PROVIDER_STREAM))
     city = rng.r.choice(codes.CITIES)
     practitioners = []
     for _ in range(PRACTITIONERS_PER_SITE):
@@ -101,37 +101,46 @@ def build_patient(job: SiteJob, index: int) -> PatientRecord:
     demo = life.demographics
     mother = f"{codes.GIVEN_FEMALE[seed % len(codes.GIVEN_FEMALE)]}{seed % 997} {demo.family}"
     resources = patient_resources(life, job.site, job.providers, mother)
-    bundle_json = dumps(transaction_bundle(resources))
-    lines = BulkRewriter(job.providers).lines(resources)
+    resource_json = [dumps(r) for r in resources]
+    bundle_json = transaction_bundle_json(resources, resource_json)
+    by_type: dict[str, list[str]] = {}
+    for resource_type, line in BulkRewriter(job.providers).lines(resources, resource_json):
+        by_type.setdefault(resource_type, []).append(line)
     concepts = frozenset(c.concept for enc in exported_encounters(life) for c in enc.conditions)
     return PatientRecord(
         file_name=f"{demo.given}_{demo.family}_{demo.patient_id}.json",
-        bundle_json=bundle_json, ndjson_lines=lines, conditions=concepts, deceased=life.death is not None,
+        bundle_json=bundle_json, ndjson={t: "\n".join(lines) + "\n" for t, lines in by_type.items()},
+        counts={t: len(lines) for t, lines in by_type.items()}, conditions=concepts,
+        deceased=life.death is not None,
     )
 
 
 # ---- worker-process plumbing (spawned workers: safe beside Spark/TF threads in the parent)
 _WORKER_JOB: SiteJob | None = None
+_WORKER_FHIR_DIR: Path | None = None
 
 
-def _init_worker(job: SiteJob) -> None:
-    global _WORKER_JOB
-    _WORKER_JOB = job
+def _init_worker(job: SiteJob, fhir_dir: Path) -> None:
+    global _WORKER_JOB, _WORKER_FHIR_DIR
+    _WORKER_JOB, _WORKER_FHIR_DIR = job, fhir_dir
 
 
 def _build_in_worker(index: int) -> PatientRecord:
-    assert _WORKER_JOB is not None
-    return build_patient(_WORKER_JOB, index)
+    assert _WORKER_JOB is not None and _WORKER_FHIR_DIR is not None
+    record = build_patient(_WORKER_JOB, index)
+    # The worker writes the (large) bundle itself; only the bulk lines travel back, in order.
+    (_WORKER_FHIR_DIR / record.file_name).write_text(record.bundle_json, encoding="utf-8")
+    return dataclasses.replace(record, bundle_json="")
 
 
-def _records(job: SiteJob, workers: int) -> Iterator[PatientRecord]:
+def _records(job: SiteJob, workers: int, fhir_dir: Path) -> Iterator[PatientRecord]:
     indices = range(job.site.patients)
     if workers <= 1 or job.site.patients < 2 * POOL_CHUNK:
         for i in indices:
             yield build_patient(job, i)
         return
     context = multiprocessing.get_context("spawn")
-    with context.Pool(processes=workers, initializer=_init_worker, initargs=(job,)) as pool:
+    with context.Pool(processes=workers, initializer=_init_worker, initargs=(job, fhir_dir)) as pool:
         # imap keeps patient order, so files are identical to the serial run.
         yield from pool.imap(_build_in_worker, indices, chunksize=POOL_CHUNK)
 
@@ -151,7 +160,7 @@ def _fingerprint(exp: Experiment, site: SiteConfig) -> dict[str, Any]:
 
 def _provider_file_suffix(exp: Experiment, site: SiteConfig) -> int:
     """A Synthea-like millisecond stamp, derived from the reference date and seeds (no clock)."""
-    midnight = dt.datetime.combine(exp.generate.reference_date, dt.time(), tzinfo=dt.timezone.utc)
+    midnight = dt.datetime.combine(exp.generate.reference_date, dt.time(), tzinfo=dt.UTC)
     return int(midnight.timestamp() * 1000) + _seed(exp.seed, site.seed, 3) % 86_400_000
 
 
@@ -172,15 +181,15 @@ class _NdjsonSink:
         self.handles: dict[str, IO[str]] = {}
         self.counts: Counter[str] = Counter()
 
-    def write(self, resource_type: str, line: str) -> None:
+    def write(self, resource_type: str, text: str, lines: int = 1) -> None:
+        """Append `lines` complete lines (`text` ends with a newline)."""
         handle = self.handles.get(resource_type)
         if handle is None:
             path = self.folder / f"{resource_type}.ndjson"
             handle = self.stack.enter_context(open(path, "w", encoding="utf-8", newline="\n"))
             self.handles[resource_type] = handle
-        handle.write(line)
-        handle.write("\n")
-        self.counts[resource_type] += 1
+        handle.write(text)
+        self.counts[resource_type] += lines
 
 
 def _write_providers(job: SiteJob, fhir_dir: Path, sink: _NdjsonSink, stamp: int) -> list[str]:
@@ -188,9 +197,9 @@ def _write_providers(job: SiteJob, fhir_dir: Path, sink: _NdjsonSink, stamp: int
     names = [f"hospitalInformation{stamp}.json", f"practitionerInformation{stamp}.json"]
     for name, bundle in zip(names, (hospital, practitioners), strict=True):
         (fhir_dir / name).write_text(dumps(bundle), encoding="utf-8")
-    sink.write("Organization", dumps(organization_resource(job.providers)))
+    sink.write("Organization", dumps(organization_resource(job.providers)) + "\n")
     for p in job.providers.practitioners:
-        sink.write("Practitioner", dumps(practitioner_resource(p, job.providers)))
+        sink.write("Practitioner", dumps(practitioner_resource(p, job.providers)) + "\n")
     return names
 
 
@@ -208,10 +217,11 @@ def _generate_site(exp: Experiment, site: SiteConfig, folder: Path, progress: bo
         provider_files = _write_providers(job, fhir_dir, sink, _provider_file_suffix(exp, site))
         bar = stack.enter_context(tqdm(total=site.patients, desc=f"generate {site.id}", unit="patient",
                                        disable=not progress))
-        for record in _records(job, exp.generate.workers):
-            (fhir_dir / record.file_name).write_text(record.bundle_json, encoding="utf-8")
-            for resource_type, line in record.ndjson_lines:
-                sink.write(resource_type, line)
+        for record in _records(job, exp.generate.workers, fhir_dir):
+            if record.bundle_json:
+                (fhir_dir / record.file_name).write_text(record.bundle_json, encoding="utf-8")
+            for resource_type, lines in record.ndjson.items():
+                sink.write(resource_type, lines, record.counts[resource_type])
             prevalence.update(record.conditions)
             deaths += record.deceased
             bar.update(1)
@@ -253,7 +263,20 @@ def generate(exp: Experiment, run: str | None = None, sites: list[str] | None = 
     folders: dict[str, Path] = {}
     for site in selected:
         folder = exp.data_path("synthea", run, site.id)
+        if exp.generate.engine == "synthea-jar":
+            folders[site.id] = _generate_with_jar(exp, run, site, folder, force)
+            continue
         if force or not _is_current(folder, _fingerprint(exp, site)):
             _generate_site(exp, site, folder, progress)
         folders[site.id] = folder
     return folders
+
+
+def _generate_with_jar(exp: Experiment, run: str | None, site: SiteConfig, folder: Path, force: bool) -> Path:
+    """`generate.engine: synthea-jar`: a user's own Synthea jar (`SYNTHEA_JAR`), see `java.py`."""
+    from fedlab.synthea.java import generate_with_jar
+
+    current = {"engine": "synthea-jar", "site": site.model_dump(mode="json")}
+    if not force and _is_current(folder, current):
+        return folder
+    return generate_with_jar(exp, run or exp.name, site)

@@ -27,6 +27,7 @@ from fedlab.synthea import codes
 
 YEAR = dt.timedelta(days=365.25)
 ADULT_AGE = 18
+T2D_BASE_RATE = 0.07  # calibrated: ~9 % incident T2D within 3 years at diabetes_risk 1
 CHRONIC_FOLLOWUP_KINDS = ("wellness", "followup", "inpatient")  # encounters that draw labs
 
 
@@ -136,7 +137,7 @@ class _State:
     last_med_change: dt.datetime | None = None
 
 
-class _Rng:
+class Rng:
     """A seeded `random.Random` plus the helpers the model needs (ids are drawn from it too)."""
 
     def __init__(self, seed: int) -> None:
@@ -176,7 +177,7 @@ def _clip(value: float, low: float, high: float) -> float:
 
 # ---------------------------------------------------------------- demographics
 
-def _demographics(rng: _Rng, site: SiteConfig, reference: dt.date) -> Demographics:
+def _demographics(rng: Rng, site: SiteConfig, reference: dt.date) -> Demographics:
     sex = "F" if rng.chance(site.female_fraction) else "M"
     race = rng.weighted(dict(site.race_mix))
     age = _clip(rng.normal(site.age_mean, site.age_sd), ADULT_AGE, 95)
@@ -205,7 +206,7 @@ _BMI_BY_RACE = {"white": 0.0, "black": 1.6, "asian": -2.5, "hispanic": 1.0, "oth
 _A1C_BY_RACE = {"white": 0.0, "black": 0.15, "asian": 0.1, "hispanic": 0.1, "other": 0.05}
 
 
-def _traits(rng: _Rng, demo: Demographics, practitioners: int) -> _Traits:
+def _traits(rng: Rng, demo: Demographics, practitioners: int) -> _Traits:
     male = demo.sex == "M"
     return _Traits(
         height=rng.normal(176.0 if male else 162.5, 7.0 if male else 6.5),
@@ -224,7 +225,7 @@ def _traits(rng: _Rng, demo: Demographics, practitioners: int) -> _Traits:
 # ---------------------------------------------------------------- physiology (functions of state)
 
 class _Body:
-    def __init__(self, rng: _Rng, site: SiteConfig, demo: Demographics, traits: _Traits) -> None:
+    def __init__(self, rng: Rng, site: SiteConfig, demo: Demographics, traits: _Traits) -> None:
         self.rng, self.site, self.demo, self.t = rng, site, demo, traits
         start_bmi = 22.0 + _BMI_BY_RACE[demo.race] + site.bmi_shift + 0.6 * traits.insulin_resistance
         self.s = _State(
@@ -235,7 +236,7 @@ class _Body:
 
     def a1c_without_diabetes(self, age: float) -> float:
         t, s = self.t, self.s
-        value = 5.05 + 0.03 * (s.bmi - 25.0) + 0.009 * (age - 30.0) + 0.22 * t.insulin_resistance + t.a1c_offset
+        value = 5.15 + 0.03 * (s.bmi - 25.0) + 0.009 * (age - 30.0) + 0.22 * t.insulin_resistance + t.a1c_offset
         return _clip(value, 4.3, 6.4)
 
     def a1c(self, when: dt.datetime) -> float:
@@ -267,7 +268,7 @@ class _Body:
             s.smoker = "former"
         diabetic = s.t2d_onset is not None
         hypertensive = s.htn_onset is not None
-        decline = 0.7 + (1.0 if diabetic else 0.0) + (0.5 if hypertensive else 0.0)
+        decline = (0.25 if age < 40 else 0.7) + (0.6 if diabetic else 0.0) + (0.3 if hypertensive else 0.0)
         s.egfr = _clip(s.egfr - decline + rng.normal(0.0, 0.8), 5.0, 140.0)
         if diabetic and not s.albuminuria and rng.chance(0.04):
             s.albuminuria = True
@@ -281,8 +282,9 @@ class _Body:
         if s.t2d_onset is not None:
             return
         a1c = self.a1c_without_diabetes(age)
-        log_rate = 2.6 * (a1c - 5.7) + 0.05 * (s.bmi - 30.0) + (0.25 if s.smoker == "current" else 0.0)
-        rate = 0.05 * self.site.diabetes_risk * math.exp(log_rate)
+        log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + 0.035 * (age - 50.0)
+                    + (0.25 if s.smoker == "current" else 0.0))
+        rate = T2D_BASE_RATE * self.site.diabetes_risk * math.exp(log_rate)
         if self.rng.chance(1.0 - math.exp(-rate)):
             s.t2d_onset = when + dt.timedelta(days=self.rng.r.uniform(0, 365))
             s.t2d_a1c_at_onset = 6.5 + self.rng.r.expovariate(1 / 0.7)
@@ -322,7 +324,7 @@ class _Measured:
 class _Clinic:
     """Runs encounters: measures, records (with the site's missingness), diagnoses, treats."""
 
-    def __init__(self, body: _Body, rng: _Rng, site: SiteConfig, practitioners: int) -> None:
+    def __init__(self, body: _Body, rng: Rng, site: SiteConfig, practitioners: int) -> None:
         self.body, self.rng, self.site, self.practitioners = body, rng, site, practitioners
 
     def open(self, kind: str, when: dt.datetime) -> Encounter:
@@ -474,7 +476,7 @@ class _Clinic:
         else:
             return
         current = next((c for c in ("ckd4", "ckd3", "ckd2", "ckd1") if c in s.active), None)
-        if current is None or stage > current:  # stages only progress
+        if current is None or stage > current:  # "ckd1" < ... < "ckd4": stages only progress
             if current is not None:
                 self._resolve(current, enc.start)
             self._onset(enc, stage)
@@ -538,14 +540,15 @@ def wellness_interval_years(age: float, visits_per_year: float) -> float:
     return base / visits_per_year
 
 
-def _clock(rng: _Rng, day: dt.datetime) -> dt.datetime:
-    return day.replace(hour=rng.r.randint(7, 17), minute=rng.r.randint(0, 59), second=rng.r.randint(0, 59))
+def _clock(rng: Rng, day: dt.datetime) -> dt.datetime:
+    return day.replace(hour=rng.r.randint(7, 17), minute=rng.r.randint(0, 59), second=rng.r.randint(0, 59),
+                       microsecond=0)
 
 
 def simulate_life(seed: int, site: SiteConfig, reference: dt.date, years_of_history: int,
                   practitioners: int) -> Life:
     """Simulate one person from age 18 to the reference date (or death)."""
-    rng = _Rng(seed)
+    rng = Rng(seed)
     demo = _demographics(rng, site, reference)
     traits = _traits(rng, demo, practitioners)
     body = _Body(rng, site, demo, traits)
@@ -560,7 +563,7 @@ def simulate_life(seed: int, site: SiteConfig, reference: dt.date, years_of_hist
                 window_start=window_start, end=death or end)
 
 
-def _run_schedule(rng: _Rng, site: SiteConfig, body: _Body, clinic: _Clinic, adult: dt.datetime,
+def _run_schedule(rng: Rng, site: SiteConfig, body: _Body, clinic: _Clinic, adult: dt.datetime,
                   first: dt.datetime, window_start: dt.datetime, end: dt.datetime
                   ) -> tuple[list[Encounter], dt.datetime | None]:
     encounters: list[Encounter] = []
@@ -581,7 +584,7 @@ def _run_schedule(rng: _Rng, site: SiteConfig, body: _Body, clinic: _Clinic, adu
         if kind == "tick":
             age = _age(body.demo.birth_date, when)
             if when >= window_start and rng.chance(1.0 - math.exp(-body.mortality_rate(age))):
-                death = when + dt.timedelta(days=rng.r.uniform(0, 364))
+                death = (when + dt.timedelta(days=rng.r.uniform(0, 364))).replace(microsecond=0)
                 end = min(end, death)
             body.yearly_tick(when)
             tick = when + YEAR

@@ -58,9 +58,13 @@ def bootstrap_summary(results: dict[str, Any], metric: str = PRIMARY_METRIC) -> 
         if entry.get("metric") != metric or entry.get("mean") is None:
             continue
         key = (entry["method"], entry["train_sites"], entry["test_site"])
-        table[key] = {"mean": entry["mean"], "ci_low": entry.get("ci_low", float("nan")),
-                      "ci_high": entry.get("ci_high", float("nan")), "n": entry.get("n_seeds", 0)}
+        table[key] = {"mean": entry["mean"], "ci_low": _number(entry.get("ci_low")),
+                      "ci_high": _number(entry.get("ci_high")), "n": entry.get("n_seeds", 0)}
     return table
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _fmt(cell: dict[str, float] | None) -> str:
@@ -156,21 +160,33 @@ def _communication_section(results: dict[str, Any]) -> list[str]:
     comm = results.get("communication") or {}
     if not comm:
         return []
-    lines = ["", "## Communication", "", "```json", _json_short(comm), "```"]
+    fed, central = _federated_bytes(comm), _centralized_bytes(comm)
+    rows = [("model parameters", comm.get("n_parameters")), ("clients (sites)", comm.get("n_clients")),
+            ("rounds", comm.get("rounds")),
+            ("bytes down per client per round", comm.get("bytes_down_per_client_per_round")),
+            ("bytes up per client per round", comm.get("bytes_up_per_client_per_round")),
+            ("weights, protobuf-serialized bytes", comm.get("weights_protobuf_bytes")),
+            ("federated bytes, all rounds (per federated method)", fed),
+            ("centralized alternative: feature tables shipped once (bytes)", central)]
+    lines = ["", "## Communication", "",
+             "Computed from TFF's type signatures (element counts × dtype size); TFF itself counts no bytes.", "",
+             "| quantity | value |", "|---|---|"]
+    lines += [f"| {name} | {value if value is not None else '—'} |" for name, value in rows]
     return lines
 
 
-def _json_short(data: Any) -> str:
-    import json
+def _federated_bytes(comm: dict[str, Any]) -> float | None:
+    return comm.get("total_bytes", comm.get("federated_total_bytes"))
 
-    return json.dumps(data, indent=2, sort_keys=True, default=str)[:4000]
+
+def _centralized_bytes(comm: dict[str, Any]) -> float | None:
+    return comm.get("raw_data_bytes", comm.get("centralized_bytes"))
 
 
 def communication_saving(results: dict[str, Any]) -> float | None:
     """1 − federated bytes / centralized bytes, when the train stage measured both."""
     comm = results.get("communication") or {}
-    fed = comm.get("federated_total_bytes")
-    central = comm.get("centralized_bytes")
+    fed, central = _federated_bytes(comm), _centralized_bytes(comm)
     if not fed or not central:
         return None
     return 1.0 - float(fed) / float(central)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,17 +132,30 @@ def feature_names(task: TaskConfig) -> list[str]:
 # ---- reading and checking -----------------------------------------------------------------
 
 def read_tables(spark: SparkSession, folder: Path, site: str) -> dict[str, DataFrame]:
+    """The needed columns of each table; the schema comes from the Parquet footer read locally,
+    which spares Spark one schema-inference job per table."""
     tables = {}
     for name, columns in REQUIRED_COLUMNS.items():
         path = folder / f"{name}.parquet"
         if not path.exists():
             raise FeatureError(f"site {site}: table {name}.parquet not found in {folder}")
-        frame = spark.read.parquet(str(path))
-        missing = [c for c in columns if c not in frame.columns]
+        arrow_schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in arrow_schema.names]
         if missing:
             raise FeatureError(f"site {site}: {path} lacks column(s) {', '.join(missing)}")
-        tables[name] = frame
+        ddl = [_spark_type(arrow_schema.field(c).type) for c in columns]
+        if None in ddl:  # an unusual type: let Spark read the schema itself
+            tables[name] = spark.read.parquet(str(path)).select(*columns)
+        else:
+            schema = ", ".join(f"`{c}` {t}" for c, t in zip(columns, ddl, strict=True))
+            tables[name] = spark.read.schema(schema).parquet(str(path))
     return tables
+
+
+def _spark_type(arrow_type: pa.DataType) -> str | None:
+    checks = [(pa.types.is_string, "STRING"), (pa.types.is_large_string, "STRING"), (pa.types.is_date32, "DATE"),
+              (pa.types.is_timestamp, "TIMESTAMP"), (pa.types.is_float64, "DOUBLE"), (pa.types.is_int64, "BIGINT")]
+    return next((ddl for check, ddl in checks if check(arrow_type)), None)
 
 
 def _seconds(column: str) -> Column:
@@ -178,14 +193,16 @@ def outcome_events(t: dict[str, DataFrame], outcome: str) -> DataFrame:
 
 
 def candidate_encounters(t: dict[str, DataFrame]) -> DataFrame:
+    """Wellness encounters; all AMB encounters of a patient who has no wellness encounter."""
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    enc = t["encounter"].select("encounter_id", "patient_id", "class_code", "type_code",
-                                _seconds("start").alias("index_s")).filter(F.col("index_s").isNotNull())
-    wellness = enc.filter(F.col("type_code").isin(*WELLNESS_TYPES))
-    with_wellness = wellness.select("patient_id").distinct()
-    fallback = enc.filter(F.col("class_code") == "AMB").join(with_wellness, "patient_id", "left_anti")
-    return wellness.unionByName(fallback).select("encounter_id", "patient_id", "index_s")
+    enc = (t["encounter"].select("encounter_id", "patient_id", "class_code", "type_code",
+                                 _seconds("start").alias("index_s")).filter(F.col("index_s").isNotNull())
+           .withColumn("wellness", F.coalesce(F.col("type_code").isin(*WELLNESS_TYPES), F.lit(False))))
+    enc = enc.withColumn("has_wellness", F.max(F.col("wellness").cast("int")).over(Window.partitionBy("patient_id")))
+    keep = F.col("wellness") | ((F.col("has_wellness") == 0) & (F.col("class_code") == "AMB"))
+    return enc.filter(keep).select("encounter_id", "patient_id", "index_s")
 
 
 def label_candidates(t: dict[str, DataFrame], task: TaskConfig, data_end_s: float) -> DataFrame:
@@ -223,94 +240,91 @@ def select_index(cand: DataFrame, seed: int) -> DataFrame:
 
 
 def funnel(t: dict[str, DataFrame], cand: DataFrame) -> dict[str, int]:
+    """Patients left after each cohort rule (a patient counts if any candidate encounter passes)."""
     from pyspark.sql import functions as F
 
-    def patients_where(cond: Column) -> Column:
-        return F.countDistinct(F.when(cond, F.col("patient_id")))
-
-    row = cand.agg(
-        patients_where(F.lit(True)).alias("with_candidate_encounter"),
-        patients_where(F.col("age_ok")).alias("age_eligible"),
-        patients_where(F.col("age_ok") & F.col("no_prior")).alias("no_prior_outcome"),
-        patients_where(F.col("age_ok") & F.col("no_prior") & F.col("followup_ok")).alias("cohort"),
-    ).first()
-    return {"patients": t["patient"].count(), **row.asDict()}
+    steps = {
+        "with_candidate_encounter": F.lit(True),
+        "age_eligible": F.col("age_ok"),
+        "no_prior_outcome": F.col("age_ok") & F.col("no_prior"),
+        "cohort": F.col("age_ok") & F.col("no_prior") & F.col("followup_ok"),
+    }
+    per_patient = cand.groupBy("patient_id").agg(
+        *[F.max(F.coalesce(rule, F.lit(False)).cast("int")).alias(name) for name, rule in steps.items()])
+    row = per_patient.agg(*[F.coalesce(F.sum(name), F.lit(0)).alias(name) for name in steps]).first()
+    return {"patients": t["patient"].count(), **{name: int(row[name]) for name in steps}}
 
 
 # ---- features -----------------------------------------------------------------------------
 
-def lab_features(t: dict[str, DataFrame], index: DataFrame, lookback_s: float) -> DataFrame:
-    """last/mean/min/max/slope per lab concept over the window, one row per patient."""
+def long_events(t: dict[str, DataFrame]) -> DataFrame:
+    """Labs, encounters, conditions and drug orders as one long table: (patient, kind, key, t, end, v, id)."""
+    from pyspark.sql import functions as F
+
+    def shape(frame: DataFrame, kind: str, key: str, when: str, end: str | None, value: str | None,
+              row_id: str) -> DataFrame:
+        return frame.select(
+            "patient_id", F.lit(kind).alias("kind"), F.col(key).cast("string").alias("key"),
+            _seconds(when).alias("t"), (_seconds(end) if end else F.lit(None).cast("double")).alias("end_t"),
+            (F.col(value).cast("double") if value else F.lit(None).cast("double")).alias("v"),
+            F.col(row_id).cast("string").alias("row_id"))
+
+    labs = t["observation"].filter(F.col("concept").isin(*LAB_CONCEPTS) & F.col("value_canonical").isNotNull())
+    conds = t["condition"].filter(F.col("concept").isin(*CONDITION_CONCEPTS))
+    meds = t["medication_request"].filter(F.col("concept").isin(*MEDICATION_CLASSES))
+    encs = t["encounter"].filter(F.col("class_code").isin(*ENCOUNTER_CLASSES))
+    return (shape(labs, "lab", "concept", "effective", None, "value_canonical", "observation_id")
+            .unionByName(shape(encs, "enc", "class_code", "start", None, None, "encounter_id"))
+            .unionByName(shape(conds, "cond", "concept", "onset", "abatement", None, "patient_id"))
+            .unionByName(shape(meds, "med", "concept", "authored_on", None, None, "patient_id")))
+
+
+def window_features(t: dict[str, DataFrame], index: DataFrame, task: TaskConfig) -> DataFrame:
+    """Every feature that looks at events, one row per patient, from a single pass over the events.
+
+    Labs, encounters and orders count only in [index - lookback, index]; a condition counts when
+    onset <= index and it is not abated at index. Lab statistics come from whole-partition window
+    frames in a fixed row order, so sums are added in the same order on every run.
+    """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    obs = (t["observation"].filter(F.col("concept").isin(*LAB_CONCEPTS) & F.col("value_canonical").isNotNull())
-           .select("patient_id", "observation_id", "concept", _seconds("effective").alias("t"),
-                   F.col("value_canonical").cast("double").alias("v")))
-    win = (obs.join(index, "patient_id")
-           .filter((F.col("t") <= F.col("index_s")) & (F.col("t") >= F.col("index_s") - lookback_s))
-           .withColumn("x", (F.col("t") - F.col("index_s")) / YEAR_SECONDS))
-    # Whole-partition frames in a fixed row order: sums are added in the same order on every run.
-    group = Window.partitionBy("patient_id", "concept").orderBy("t", "observation_id")
+    lookback_s = task.lookback_years * YEAR_SECONDS
+    in_lookback = (F.col("t") <= F.col("index_s")) & (F.col("t") >= F.col("index_s") - lookback_s)
+    active = ((F.col("t") <= F.col("index_s"))
+              & (F.col("end_t").isNull() | (F.col("end_t") > F.col("index_s"))))
+    events = (long_events(t).join(F.broadcast(index), "patient_id")
+              .filter(F.when(F.col("kind") == "cond", active).otherwise(in_lookback))
+              .withColumn("x", (F.col("t") - F.col("index_s")) / YEAR_SECONDS))
+    group = Window.partitionBy("patient_id", "kind", "key").orderBy("t", "row_id")
     whole = group.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    latest = Window.partitionBy("patient_id", "concept").orderBy(F.desc("t"), F.desc("observation_id"))
-    stats = (win.withColumn("n", F.count("v").over(whole))
-             .withColumn("sx", F.sum("x").over(whole)).withColumn("sv", F.sum("v").over(whole))
-             .withColumn("sxx", F.sum(F.col("x") * F.col("x")).over(whole))
-             .withColumn("sxv", F.sum(F.col("x") * F.col("v")).over(whole))
-             .withColumn("mn", F.min("v").over(whole)).withColumn("mx", F.max("v").over(whole))
-             .withColumn("_latest", F.row_number().over(latest)).filter(F.col("_latest") == 1))
-    denom = F.col("n") * F.col("sxx") - F.col("sx") * F.col("sx")
-    slope = F.when((F.col("n") >= 2) & (denom > 1e-12),
-                   (F.col("n") * F.col("sxv") - F.col("sx") * F.col("sv")) / denom)
-    stats = stats.select("patient_id", "concept", F.col("v").alias("last"), (F.col("sv") / F.col("n")).alias("mean"),
-                         F.col("mn").alias("min"), F.col("mx").alias("max"), slope.alias("slope"))
-    return (stats.groupBy("patient_id").pivot("concept", list(LAB_CONCEPTS))
-            .agg(*[F.first(s).alias(s) for s in ("last", "mean", "min", "max", "slope")]))
+    latest = Window.partitionBy("patient_id", "kind", "key").orderBy(F.desc("t"), F.desc("row_id"))
+    n, sx, sv = F.count("v").over(whole), F.sum("x").over(whole), F.sum("v").over(whole)
+    sxx, sxv = F.sum(F.col("x") * F.col("x")).over(whole), F.sum(F.col("x") * F.col("v")).over(whole)
+    denom = n * sxx - sx * sx
+    stats = events.select(
+        "patient_id", "kind", "key", F.col("v").alias("last"), (sv / n).alias("mean"),
+        F.min("v").over(whole).alias("min"), F.max("v").over(whole).alias("max"),
+        F.when((n >= 2) & (denom > 1e-12), (n * sxv - sx * sv) / denom).alias("slope"),
+        F.count(F.lit(1)).over(whole).alias("count"),
+        F.row_number().over(latest).alias("_latest"),
+    ).filter(F.col("_latest") == 1)
 
+    def pick(kind: str, key: str, stat: str) -> Column:
+        # exactly one row per (patient, kind, key) survives, so max() just picks it
+        return F.max(F.when((F.col("kind") == kind) & (F.col("key") == key), F.col(stat)))
 
-def encounter_counts(t: dict[str, DataFrame], index: DataFrame, lookback_s: float) -> DataFrame:
-    from pyspark.sql import functions as F
-
-    enc = t["encounter"].select("patient_id", "class_code", _seconds("start").alias("t"))
-    win = (enc.join(index, "patient_id")
-           .filter((F.col("t") <= F.col("index_s")) & (F.col("t") >= F.col("index_s") - lookback_s)))
-    counts = win.groupBy("patient_id").pivot("class_code", list(ENCOUNTER_CLASSES)).count()
-    return counts.select("patient_id", *[F.col(c).alias(f"n_enc_{c.lower()}") for c in ENCOUNTER_CLASSES])
-
-
-def active_conditions(t: dict[str, DataFrame], index: DataFrame, concepts: list[str]) -> DataFrame:
-    from pyspark.sql import functions as F
-
-    cond = t["condition"].filter(F.col("concept").isin(*concepts)).select(
-        "patient_id", "concept", _seconds("onset").alias("onset_s"), _seconds("abatement").alias("abate_s"))
-    active = (cond.join(index, "patient_id")
-              .filter((F.col("onset_s") <= F.col("index_s"))
-                      & (F.col("abate_s").isNull() | (F.col("abate_s") > F.col("index_s")))))
-    flags = active.groupBy("patient_id").pivot("concept", concepts).agg(F.max(F.lit(1.0)))
-    return flags.select("patient_id", *[F.col(c).alias(f"cond_{c}") for c in concepts])
-
-
-def medication_flags(t: dict[str, DataFrame], index: DataFrame, classes: list[str], lookback_s: float) -> DataFrame:
-    from pyspark.sql import functions as F
-
-    med = t["medication_request"].filter(F.col("concept").isin(*classes)).select(
-        "patient_id", "concept", _seconds("authored_on").alias("t"))
-    win = (med.join(index, "patient_id")
-           .filter((F.col("t") <= F.col("index_s")) & (F.col("t") >= F.col("index_s") - lookback_s)))
-    flags = win.groupBy("patient_id").pivot("concept", classes).agg(F.max(F.lit(1.0)))
-    return flags.select("patient_id", *[F.col(c).alias(f"med_{c}") for c in classes])
+    aggs = [pick("lab", c, s).alias(f"{c}_{s}") for c in LAB_CONCEPTS for s in ("last", "mean", "min", "max", "slope")]
+    aggs += [pick("enc", c, "count").alias(f"n_enc_{c.lower()}") for c in ENCOUNTER_CLASSES]
+    aggs += [pick("cond", c, "count").alias(f"cond_{c}") for c in CONDITION_CONCEPTS]
+    aggs += [pick("med", c, "count").alias(f"med_{c}") for c in MEDICATION_CLASSES]
+    return stats.groupBy("patient_id").agg(*aggs)
 
 
 def assemble(t: dict[str, DataFrame], cohort: DataFrame, task: TaskConfig) -> DataFrame:
-    """Join the feature blocks onto the cohort; fill counts/flags with 0; all features float64."""
+    """Join the event features onto the cohort; fill counts/flags with 0; all features float64."""
     from pyspark.sql import functions as F
 
-    lookback_s = task.lookback_years * YEAR_SECONDS
-    names = feature_names(task)
-    conditions = [n.removeprefix("cond_") for n in names if n.startswith("cond_")]
-    classes = [n.removeprefix("med_") for n in names if n.startswith("med_")]
-    index = cohort.select("patient_id", "index_s")
     frame = cohort.select(
         "patient_id", "index_s", "label", "age",
         (F.col("gender") == "female").alias("is_female"),
@@ -318,22 +332,20 @@ def assemble(t: dict[str, DataFrame], cohort: DataFrame, task: TaskConfig) -> Da
         (~F.coalesce(F.col("race").isin(*RACES), F.lit(False))).alias("race_other"),
         (F.col("ethnicity") == "hispanic").alias("hispanic"),
     )
-    blocks = [lab_features(t, index, lookback_s), encounter_counts(t, index, lookback_s),
-              active_conditions(t, index, conditions), medication_flags(t, index, classes, lookback_s)]
-    for block in blocks:
-        frame = frame.join(block, "patient_id", "left")
+    frame = frame.join(window_features(t, cohort.select("patient_id", "index_s"), task), "patient_id", "left")
     columns = []
-    for name in names:
+    for name in feature_names(task):
         if name.endswith("_missing"):
             value = F.when(F.col(name.removesuffix("_missing") + "_last").isNull(), 1.0).otherwise(0.0)
-        elif name.startswith(("n_enc_", "cond_", "med_", "is_female", "race_", "hispanic")):
+        elif name.startswith(("cond_", "med_")):
+            value = F.when(F.col(name) > 0, 1.0).otherwise(0.0)
+        elif name.startswith(("n_enc_", "is_female", "race_", "hispanic")):
             value = F.coalesce(F.col(name).cast("double"), F.lit(0.0))
         else:
             value = F.col(name)
         columns.append(value.cast("double").alias(name))
     index_date = F.to_date(F.col("index_s").cast("timestamp")).alias("index_date")
-    return (frame.select("patient_id", index_date, F.col("label").cast("long").alias("label"), *columns)
-            .orderBy("patient_id"))
+    return frame.select("patient_id", index_date, F.col("label").cast("long").alias("label"), *columns)
 
 
 # ---- one site, all sites ------------------------------------------------------------------
@@ -342,6 +354,29 @@ def site_features(spark: SparkSession, folder: Path, task: TaskConfig, seed: int
                   site: str) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Features (pandas, collected from Spark) and quality facts for one site's tables."""
     t = read_tables(spark, folder, site)
+    with _without_adaptive_execution(spark):
+        return _site_features(spark, t, folder, task, seed, site)
+
+
+@contextmanager
+def _without_adaptive_execution(spark: SparkSession) -> Iterator[None]:
+    """Adaptive execution runs every shuffle stage as its own job; on site-sized data the per-job
+    scheduling cost dominates (about 20 jobs instead of 7 per site), so it is off while a site is
+    built and restored afterwards. Large joins are broadcast explicitly where it matters."""
+    key = "spark.sql.adaptive.enabled"
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, "false")
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, previous)
+
+
+def _site_features(spark: SparkSession, t: dict[str, DataFrame], folder: Path, task: TaskConfig, seed: int,
+                   site: str) -> tuple[pd.DataFrame, dict[str, Any]]:
     data_end_s = data_end_seconds(t)
     if data_end_s is None:
         raise FeatureError(f"site {site}: no dated events in {folder} (encounter, observation, condition, "
@@ -350,13 +385,14 @@ def site_features(spark: SparkSession, folder: Path, task: TaskConfig, seed: int
     try:
         counts = funnel(t, cand)
         cohort = select_index(cand, seed).cache()
-        features = assemble(t, cohort, task).toPandas()
+        # one row per patient: collected, then ordered by patient_id for a deterministic file
+        features = assemble(t, cohort, task).toPandas().sort_values("patient_id", ignore_index=True)
         cohort.unpersist()
     finally:
         cand.unpersist()
     warn = _warnings(site, counts, features)
     for message in warn:
-        warnings.warn(message, FeatureWarning, stacklevel=3)
+        warnings.warn(message, FeatureWarning, stacklevel=4)
     quality = _quality(features, counts, task, data_end_s, warn)
     return features, quality
 

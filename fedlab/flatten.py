@@ -147,6 +147,9 @@ def check_resource(resource: Any, expected_type: str | None) -> str | None:
     for spec in REQUIRED[rtype]:
         if not any(_get(resource, alt) not in (None, "", []) for alt in spec.split("|")):
             return f"{rtype} {resource.get('id', '?')}: missing required field {spec}"
+    value = _get(resource, "valueQuantity.value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        return f"{rtype} {resource.get('id', '?')}: valueQuantity.value is not a number: {value!r}"
     for name in DATETIME_FIELDS[rtype]:
         value = _get(resource, name)
         if value is not None and not (isinstance(value, str) and _DATETIME.match(value)):

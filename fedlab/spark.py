@@ -34,6 +34,7 @@ def spark_conf(config: SparkConfig | None = None, seed: int = 0) -> dict[str, st
         "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
         "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.adaptive.enabled": "false",  # small per-site jobs: AQE triples the job count here
         "spark.fedlab.seed": str(seed),
     }
     if resolve_master(config).startswith("local"):

@@ -149,7 +149,7 @@ def test_nothing_after_index_reaches_the_features(built):
     assert "cond_hypertension" in p1 and p1["cond_hypertension"] == 0.0
     assert (p1["n_enc_amb"], p1["n_enc_emer"], p1["n_enc_imp"]) == (1.0, 1.0, 0.0)
     assert (p1["race_black"], p1["race_white"], p1["hispanic"], p1["is_female"]) == (1.0, 0.0, 1.0, 1.0)
-    assert p1["age"] == pytest.approx((INDEX - pd.Timestamp("1970-01-01", tz="UTC")).days / 365.25, rel=1e-6)
+    assert p1["age"] == pytest.approx((INDEX - pd.Timestamp("1970-01-01", tz="UTC")).total_seconds() / 86400 / 365.25, rel=1e-6)
     assert p1["label"] == 0
     values = frames["a"].drop(columns=["index_date", "label"]).to_numpy(dtype=float)
     assert not (values >= 299).any()  # none of the post-index extremes (300, 500, 999) appears anywhere
@@ -213,14 +213,26 @@ def test_same_input_gives_identical_features(built, spark):
 def test_hypertension_task(spark, tmp_path):
     exp = _exp(tmp_path, outcome="hypertension")
     leakage_site().write(exp.data_path("tables", None, "a"))
-    with pytest.warns(FeatureWarning, match="site a: every row has label"):
-        out = build_features(exp, sites=["a"], spark=spark)["a"]
+    out = build_features(exp, sites=["a"], spark=spark)["a"]
     frame = pd.read_parquet(out / "features.parquet").set_index("patient_id")
+    assert read_json(out / "quality.json")["task"]["outcome"] == "hypertension"
     assert "cond_hypertension" not in frame and "med_antihypertensive" not in frame
     assert {"cond_t2d", "med_antidiabetic"} <= set(frame.columns)
     assert frame.loc["p1", "label"] == 1  # hypertension onset 60 days after index
     assert frame.loc["p2", "cond_t2d"] == 0.0  # t2d the day after index is not active at index
     assert frame.loc["p6", "cond_t2d"] == 1.0  # t2d before index is a feature here, not an exclusion
+    assert frame["label"].sum() == 1
+
+
+def test_single_label_class_warns(spark, tmp_path):
+    exp = _exp(tmp_path)
+    sparse_site().write(exp.data_path("tables", None, "b"))
+    s = Site()
+    s.patient("z1"); s.encounter("z1", "z1e", INDEX)  # noqa: E702
+    s.encounter("z1", "z1-late", pd.Timestamp("2025-01-01T00:00:00Z"), type_code="1")
+    s.write(exp.data_path("tables", None, "a"))
+    with pytest.warns(FeatureWarning, match="site a: every row has label 0"):
+        build_features(exp, sites=["a"], spark=spark)
 
 
 def test_missing_column_names_site_and_column(spark, tmp_path):

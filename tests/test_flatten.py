@@ -92,6 +92,7 @@ def _write_export(folder: Path, manifest: bool = True) -> dict[str, int]:
             {k: v for k, v in _obs("o7", "2339-0", 1.0, "mg/dL").items() if k != "subject"},
             _obs("o8", "2339-0", 1.0, "mg/dL", effectiveDateTime="yesterday"),
             _obs("o2", "2339-0", 100.0, "mg/dL"),
+            _obs("o9", "2339-0", "high", "mg/dL"),
         ],
         "MedicationRequest.ndjson": [
             {"resourceType": "MedicationRequest", "id": "m1", "status": "active", "intent": "order",
@@ -132,18 +133,19 @@ def test_quarantine_and_reconciliation(flattened):
     quarantine = [json.loads(x) for x in (out / "quarantine.ndjson").read_text().splitlines()]
     by_line = {q["line"]: q for q in quarantine}
     assert {q["file"] for q in quarantine} == {"Observation.ndjson"}
-    assert sorted(by_line) == [7, 8, 9, 10, 11]
+    assert sorted(by_line) == [7, 8, 9, 10, 11, 12]
     assert by_line[7]["reason"].startswith("malformed JSON")
     assert "resourceType 'Patient' in a Observation file" in by_line[8]["reason"]
     assert "missing required field subject.reference" in by_line[9]["reason"]
     assert "invalid dateTime in effectiveDateTime" in by_line[10]["reason"]
     assert "duplicate Observation id o2" in by_line[11]["reason"]
+    assert "o9: valueQuantity.value is not a number: 'high'" in by_line[12]["reason"]
     report = read_json(out / "harmonization.json")
     rec = report["reconciliation"]
     assert rec["lines"] == sum(lines.values()) == rec["resources"] + rec["quarantined"]
-    assert rec["balanced"] and rec["quarantined"] == 5
+    assert rec["balanced"] and rec["quarantined"] == 6
     obs_file = next(f for f in report["files"] if f["file"] == "Observation.ndjson")
-    assert (obs_file["lines"], obs_file["resources"], obs_file["quarantined"]) == (11, 6, 5)
+    assert (obs_file["lines"], obs_file["resources"], obs_file["quarantined"]) == (12, 6, 6)
     # 6 accepted observations, the BP panel became 2 rows
     assert report["tables"]["observation"]["rows"] == 7
     assert pd.read_parquet(out / "observation.parquet").shape[0] == 7
@@ -218,7 +220,7 @@ def test_without_manifest_reads_every_ndjson_including_gzip(tmp_path: Path):
     paths, types = export_files(folder)
     assert types == {} and "Observation.1.ndjson.gz" in [p.name for p in paths]
     result = flatten_ndjson(paths)
-    assert len(result.tables["observation"]) == 7 and len(result.quarantine) == 5
+    assert len(result.tables["observation"]) == 7 and len(result.quarantine) == 6
 
 
 def test_missing_export_folder_names_it(tmp_path: Path):

@@ -63,6 +63,10 @@ def bootstrap_summary(results: dict[str, Any], metric: str = PRIMARY_METRIC) -> 
     return table
 
 
+def _signed(value: float, spec: str, suffix: str = "") -> str:
+    return "—" if value is None or np.isnan(value) else f"{value:+{spec}}{suffix}"
+
+
 def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
@@ -135,7 +139,7 @@ def results_markdown(exp: Experiment, results: dict[str, Any], figures: list[str
               "| method | baseline | federated | baseline | ΔAUROC (abs) | relative % |", "|---|---|---|---|---|---|"]
     for c in comparisons(table, sites):
         lines.append(f"| {c['method']} | {c['baseline']} | {c['federated']:.3f} | {c['baseline_value']:.3f} | "
-                     f"{c['delta_abs']:+.3f} | {c['delta_rel_pct']:+.1f}% |")
+                     f"{_signed(c['delta_abs'], '.3f')} | {_signed(c['delta_rel_pct'], '.1f', '%')} |")
     lines += _communication_section(results)
     lines += _claims_section(exp, results, table)
     if figures:

@@ -61,10 +61,16 @@ class SiteConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    engine: Literal["python", "synthea-jar"] = "python"
+    # python: the hard-coded lifecycle model; gmf: Generic Module Framework modules on the lifecycle
+    # physiology (fedlab's own modules, or `modules_dir`); synthea-jar: a user's Synthea jar.
+    engine: Literal["python", "gmf", "synthea-jar"] = "python"
     reference_date: dt.date = dt.date(2026, 1, 1)
     years_of_history: int = Field(12, ge=1, le=100)
     workers: int = Field(1, ge=1, le=64)
+    # engine gmf: a folder of module JSON (e.g. Synthea's src/main/resources/modules); default: fedlab's own.
+    modules_dir: str | None = None
+    # engine gmf: CallSubmodule targets that may be absent from `modules_dir` (they then do nothing).
+    allow_missing_submodules: list[str] = Field(default_factory=list)
 
 
 class ExportConfig(_Strict):
@@ -96,7 +102,19 @@ class SparkConfig(_Strict):
     conf: dict[str, str] = Field(default_factory=dict)
 
 
-Method = Literal["local", "pooled", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
+Method = Literal["local", "pooled", "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "cyclic", "scaffold"]
+
+
+class PrivacyConfig(_Strict):
+    """Client-level differential privacy (DP-FedAvg) for the federated methods."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(0.5, ge=0)
+    clip: float = Field(1.0, gt=0)
+    adaptive_clipping: bool = False
+    target_delta: float = Field(1e-5, gt=0, lt=1)
+    # noise multipliers for the AUROC-vs-epsilon curve (empty: no sweep)
+    sweep: list[float] = Field(default_factory=list)
 
 
 class TrainConfig(_Strict):
@@ -110,6 +128,16 @@ class TrainConfig(_Strict):
     prox_mu: float = Field(0.01, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     test_fraction: float = Field(0.3, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    # client learning rates tried per method on validation data (never test); empty: use client_lr
+    lr_grid: list[float] = Field(default_factory=list)
+    # server learning rate per method where it differs from server_lr (adaptive server optimizers)
+    server_lrs: dict[str, float] = Field(default_factory=lambda: {"fedadam": 0.05, "fedyogi": 0.05,
+                                                                  "fedadagrad": 0.1})
+    clients_per_round: int | None = Field(None, ge=1)
+    quantize_bits: int | None = Field(None, ge=1, le=16)
+    scaling: Literal["federated", "per_site"] = "federated"
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     bootstrap: int = Field(200, ge=0)
 
 
@@ -138,6 +166,9 @@ class Experiment(_Strict):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"duplicate site ids: {', '.join(dupes)}")
+        per_round = self.train.clients_per_round
+        if per_round is not None and per_round > len(ids):
+            raise ValueError(f"train.clients_per_round is {per_round} but there are only {len(ids)} sites")
         return self
 
     # ---- paths (the on-disk data contract, see docs/architecture.md) ----

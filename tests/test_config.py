@@ -86,3 +86,8 @@ def test_paths_follow_the_data_contract(tmp_path: Path) -> None:
     assert exp.report_path() == tmp_path / "reports" / "demo"
     with pytest.raises(ConfigError, match="no site named 'beta'"):
         exp.site("beta")
+
+
+def test_more_clients_per_round_than_sites_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="clients_per_round is 3 but there are only 1 sites"):
+        experiment_from_dict({"name": "x", "sites": [SITE], "train": {"clients_per_round": 3}})

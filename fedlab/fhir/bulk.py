@@ -95,6 +95,11 @@ class ExportResult:
         """Keep this as `_since` for the next incremental export."""
         return str(self.manifest["transactionTime"])
 
+    @property
+    def fhir_version(self) -> str:
+        """The FHIR version of the files (`4.0.1` unless the server says otherwise in the manifest)."""
+        return str(self.manifest.get("fhirVersion", "4.0.1"))
+
 
 @dataclass
 class _Token:
@@ -109,12 +114,15 @@ class BulkDataClient:
     def __init__(self, base_url: str, client_id: str, key: ClientKey, scope: str = "system/*.rs", *,
                  max_retry_after_s: float = 10.0, min_wait_s: float = 0.5, max_attempts: int = 8,
                  timeout_s: float = 60.0, poll_timeout_s: float = 3600.0, progress: bool = True,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, fhir_version: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id, self.key, self.scope = client_id, key, scope
         self.max_retry_after_s, self.min_wait_s = max_retry_after_s, min(min_wait_s, max_retry_after_s)
         self.max_attempts, self.timeout_s, self.poll_timeout_s = max_attempts, timeout_s, poll_timeout_s
         self.progress = progress
+        if fhir_version is not None and not fhir_version.startswith(("4.0", "5.0")):
+            raise ValueError(f"fhir_version must be 4.0 or 5.0 (or None for the server's default), not {fhir_version!r}")
+        self.fhir_version = fhir_version  # asked for with `Accept: application/fhir+json; fhirVersion=...`
         self._sleep = sleep
         self._config: dict[str, Any] | None = None
         self._token: _Token | None = None
@@ -194,7 +202,8 @@ class BulkDataClient:
         """Start an export; returns the status URL (from Content-Location)."""
         url = self._kickoff_url(level, group_id)
         params = _kickoff_params(types, since, type_filters, elements, output_format)
-        headers = {"Accept": FHIR_JSON, "Prefer": "respond-async"}
+        accept = FHIR_JSON if self.fhir_version is None else f"{FHIR_JSON}; fhirVersion={self.fhir_version[:3]}"
+        headers = {"Accept": accept, "Prefer": "respond-async"}
         if patients is not None:
             body = _parameters_body(params, patients)
 
@@ -228,7 +237,7 @@ class BulkDataClient:
                 lambda auth: self.control.get(status_url, headers={"Accept": "application/json", **auth},
                                               timeout=self.timeout_s)))
             if response.status_code == 200:
-                return _json_or_error(response, status_url)
+                return self._checked_version(_json_or_error(response, status_url), status_url)
             if response.status_code != 202:
                 raise BulkDataError(f"{status_url}: export failed (HTTP {response.status_code}): "
                                     f"{_describe(response)}")
@@ -239,6 +248,14 @@ class BulkDataClient:
             hinted = parse_retry_after(response.headers.get("Retry-After"))
             self._sleep(self._clamp(hinted if hinted is not None else delay))
             delay = min(delay * 2, self.max_retry_after_s)
+
+    def _checked_version(self, manifest: dict[str, Any], status_url: str) -> dict[str, Any]:
+        if self.fhir_version is not None and self.fhir_version.startswith("5."):
+            served = str(manifest.get("fhirVersion", "4.0.1"))
+            if not served.startswith("5."):
+                raise BulkDataError(f"{status_url}: asked for FHIR {self.fhir_version} but the manifest says "
+                                    f"the files are FHIR {served}")
+        return manifest
 
     def delete(self, status_url: str) -> int:
         response = self._authorized(lambda auth: self.session.delete(status_url, headers=auth,

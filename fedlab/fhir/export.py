@@ -3,20 +3,28 @@
 For every site: start the site's FHIR server over `data/synthea/<run>/<site>/bulk/` with the node's
 client registered, export at system level with a signed-assertion token, and write
 `data/export/<run>/<site>/` (NDJSON per output, `manifest.json`, then `_SUCCESS.json`).
+
+With `exp.export.deidentify`, the *server* de-identifies (HIPAA Safe Harbor) every line before it
+serves it, so identifiable data never leaves the hospital; the site's pseudonym/date-shift secret
+lives in `data/export/<run>/_site_secrets/<site>/` (standing in for the hospital's own vault) and
+never travels with the export. Each site server's audit log is appended to
+`data/export/<run>/_audit/<site>.jsonl`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from fedlab.config import Experiment
 from fedlab.fhir.bulk import BulkDataClient, ExportResult
+from fedlab.fhir.deid import DeidPolicy
 from fedlab.fhir.server import SiteServer
 from fedlab.fhir.smart import ClientKey, ClientRegistry
-from fedlab.io import is_complete, mark_complete, staging_dir, write_json
+from fedlab.io import atomic_open, is_complete, mark_complete, read_json, staging_dir, write_json
 
 KEY_ALGORITHM = "ES384"
 
@@ -46,36 +54,73 @@ def node_credentials(exp: Experiment, run: str | None, site: str) -> tuple[str, 
     return node_client_id(site), key
 
 
+def site_deid_policy(exp: Experiment, run: str | None, site: str, date_mode: str = "year",
+                     shift_seed: int | None = None) -> DeidPolicy:
+    """The site's de-identification policy; its secret is created once and kept on the hospital side."""
+    path = exp.data_path("export", run) / "_site_secrets" / site / "deid_secret"
+    if not path.is_file():
+        with atomic_open(path, "w") as handle:  # mkstemp files are 0600
+            handle.write(secrets.token_hex(32))
+    secret = path.read_text().strip()
+    if not secret:
+        raise ExportStageError(f"site {site!r}: empty de-identification secret at {path}; delete it to make a new one")
+    seed = exp.seed if shift_seed is None else shift_seed
+    return DeidPolicy(secret, date_mode=date_mode, shift_seed=seed)  # type: ignore[arg-type]
+
+
+def audit_log_path(exp: Experiment, run: str | None, site: str) -> Path:
+    return exp.data_path("export", run) / "_audit" / f"{site}.jsonl"
+
+
 def export(exp: Experiment, run: str | None = None, sites: list[str] | None = None, force: bool = False,
-           progress: bool = True) -> dict[str, Path]:
-    """Export every (or the named) site; returns site id -> `data/export/<run>/<site>/`."""
+           progress: bool = True, deid_date_mode: str = "year") -> dict[str, Path]:
+    """Export every (or the named) site; returns site id -> `data/export/<run>/<site>/`.
+
+    `deid_date_mode` ("year" or "shift") applies when `exp.export.deidentify` is on.
+    """
     site_ids = sites if sites is not None else exp.site_ids
     bulk_dirs = {site: site_bulk_dir(exp, run, site) for site in site_ids}  # fail before any work
     results: dict[str, Path] = {}
     for site in site_ids:
         final = exp.data_path("export", run, site)
-        if is_complete(final) and not force:
+        if is_complete(final) and not force and _same_deidentification(final, exp.export.deidentify):
             results[site] = final
             continue
-        results[site] = export_site(exp, run, site, bulk_dirs[site], progress)
+        results[site] = export_site(exp, run, site, bulk_dirs[site], progress, deid_date_mode)
     return results
 
 
-def export_site(exp: Experiment, run: str | None, site: str, bulk_dir: Path, progress: bool = True) -> Path:
+def export_site(exp: Experiment, run: str | None, site: str, bulk_dir: Path, progress: bool = True,
+                deid_date_mode: str = "year") -> Path:
     client_id, key = node_credentials(exp, run, site)
     registry = ClientRegistry()
     registry.register(client_id, key.jwks(), exp.export.scope)
     final = exp.data_path("export", run, site)
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.UTC).isoformat()
-    with SiteServer(bulk_dir, registry, host=exp.export.host) as server, staging_dir(final) as staging:
+    policy = site_deid_policy(exp, run, site, deid_date_mode) if exp.export.deidentify else None
+    with SiteServer(bulk_dir, registry, host=exp.export.host, deid_policy=policy,
+                    audit_path=audit_log_path(exp, run, site)) as server, staging_dir(final) as staging:
         with BulkDataClient(server.base_url, client_id, key, exp.export.scope, progress=progress,
                             min_wait_s=0.05, max_retry_after_s=0.5) as client:
             result = client.export(staging, "system", types=list(exp.export.types))
-        write_json(staging / "manifest.json", _local_manifest(result, server.base_url, exp.export.scope))
+        local = _local_manifest(result, server.base_url, exp.export.scope)
+        if policy is not None:
+            local["deidentification"] = {"standard": "HIPAA Safe Harbor", "applied_by": "site server",
+                                         "date_mode": policy.date_mode}
+        write_json(staging / "manifest.json", local)
         mark_complete(staging, _success_info(site, run or exp.name, result, started_at,
                                              time.perf_counter() - started))
     return final
+
+
+def _same_deidentification(folder: Path, deidentify: bool) -> bool:
+    """A finished export is reused only if it was made with the same de-identification setting."""
+    try:
+        manifest = read_json(folder / "manifest.json")
+    except (OSError, ValueError):
+        return False
+    return ("deidentification" in manifest) == deidentify
 
 
 def _local_manifest(result: ExportResult, base_url: str, scope: str) -> dict[str, Any]:

@@ -78,6 +78,9 @@ class ExportConfig(_Strict):
     host: str = "127.0.0.1"
     scope: str = "system/*.rs"
     deidentify: bool = False
+    # Safe Harbor keeps only years ("year"); "shift" moves each patient's dates by a keyed offset
+    # (intervals kept, which time-windowed features need; not strictly Safe Harbor).
+    deid_date_mode: Literal["year", "shift"] = "shift"
 
 
 class FlattenConfig(_Strict):

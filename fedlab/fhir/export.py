@@ -73,7 +73,7 @@ def audit_log_path(exp: Experiment, run: str | None, site: str) -> Path:
 
 
 def export(exp: Experiment, run: str | None = None, sites: list[str] | None = None, force: bool = False,
-           progress: bool = True, deid_date_mode: str = "year") -> dict[str, Path]:
+           progress: bool = True, deid_date_mode: str | None = None) -> dict[str, Path]:
     """Export every (or the named) site; returns site id -> `data/export/<run>/<site>/`.
 
     `deid_date_mode` ("year" or "shift") applies when `exp.export.deidentify` is on.
@@ -86,7 +86,8 @@ def export(exp: Experiment, run: str | None = None, sites: list[str] | None = No
         if is_complete(final) and not force and _same_deidentification(final, exp.export.deidentify):
             results[site] = final
             continue
-        results[site] = export_site(exp, run, site, bulk_dirs[site], progress, deid_date_mode)
+        results[site] = export_site(exp, run, site, bulk_dirs[site], progress,
+                                    deid_date_mode or exp.export.deid_date_mode)
     return results
 
 

@@ -1156,7 +1156,10 @@ class SiteServer:
         server_map = self._server._map
         # Close every socket from inside the server's own loop thread (closing them from here races
         # with its select()); with an empty map the loop returns.
-        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(server_map, ignore_all=True))
+        try:
+            self._server.trigger.pull_trigger(lambda: wasyncore.close_all(server_map, ignore_all=True))
+        except OSError:  # the loop already closed its trigger (it was exiting): close from here
+            wasyncore.close_all(server_map, ignore_all=True)
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server.task_dispatcher.shutdown()

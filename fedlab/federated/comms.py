@@ -9,6 +9,7 @@ alternative ships every site's raw feature table once: the size of the `features
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -56,23 +57,27 @@ def communication(
     n_clients: int,
     rounds: int,
     raw_bytes: dict[str, int],
+    clients_per_round: int | None = None,
 ) -> dict[str, Any]:
+    """Per-round and total bytes of a TFF method; `clients_per_round` clients take part per round."""
     weights_type = tff.learning.models.weights_type_from_model(model_fn)
     server_weights_type = process.next.type_signature.parameter[0].member.global_model_weights
     down = type_bytes(tff, server_weights_type)
     up = type_bytes(tff, weights_type.trainable) + 4 + unfinalized_metrics_bytes(model_fn)
-    per_round = n_clients * (down + up)
+    participants = clients_per_round or n_clients
+    per_round = participants * (down + up)
     raw_total = int(sum(raw_bytes.values()))
     return {
         "methods": methods,
         "weights_type": str(weights_type),
         "n_parameters": int(sum(w.size for w in weights)),
         "n_clients": n_clients,
+        "clients_per_round": participants,
         "rounds": rounds,
         "bytes_down_per_client_per_round": down,
         "bytes_up_per_client_per_round": up,
-        "bytes_down_per_round": n_clients * down,
-        "bytes_up_per_round": n_clients * up,
+        "bytes_down_per_round": participants * down,
+        "bytes_up_per_round": participants * up,
         "cumulative_bytes": [per_round * (r + 1) for r in range(rounds)],
         "total_bytes": per_round * rounds,
         "weights_protobuf_bytes": protobuf_bytes(weights),
@@ -84,3 +89,48 @@ def communication(
             "unfinalized metrics; element count x dtype size from TFF types; raw = features.parquet sizes"
         ),
     }
+
+
+def sequential_communication(
+    weights: list[np.ndarray], n_clients: int, visits_per_round: int, rounds: int, raw_bytes: dict[str, int]
+) -> dict[str, Any]:
+    """The same keys as `communication` for a run of Cyclic alone (weights passed site to site)."""
+    hop = int(sum(w.nbytes for w in weights))
+    per_round = visits_per_round * hop
+    raw_total = int(sum(raw_bytes.values()))
+    return {
+        "methods": ["cyclic"],
+        "n_parameters": int(sum(w.size for w in weights)),
+        "n_clients": n_clients,
+        "clients_per_round": visits_per_round,
+        "rounds": rounds,
+        "bytes_down_per_client_per_round": hop,
+        "bytes_up_per_client_per_round": 0,
+        "bytes_down_per_round": per_round,
+        "bytes_up_per_round": 0,
+        "cumulative_bytes": [per_round * (r + 1) for r in range(rounds)],
+        "total_bytes": per_round * rounds,
+        "weights_protobuf_bytes": protobuf_bytes(weights),
+        "raw_data_bytes": raw_total,
+        "raw_data_bytes_per_site": raw_bytes,
+        "federated_over_raw": (per_round * rounds / raw_total) if raw_total else None,
+        "counting": "cyclic: one transfer of the model weights per site visit (site to site)",
+    }
+
+
+def centralized_bytes(export_dirs: dict[str, Path], parquet_bytes: dict[str, int]) -> dict[str, int]:
+    """What centralizing would ship: the raw Bulk Data NDJSON export (when present) and the
+    Parquet feature tables, summed over sites."""
+    out = {"parquet_features": int(sum(parquet_bytes.values()))}
+    ndjson = [f for folder in export_dirs.values() if folder.is_dir() for f in folder.glob("*.ndjson")]
+    if ndjson and all(folder.is_dir() for folder in export_dirs.values()):
+        out["ndjson_export"] = int(sum(f.stat().st_size for f in ndjson))
+    return out
+
+
+def crossover_patients(federated_bytes: float, centralized: float, n_patients: int) -> float | None:
+    """Population at which centralizing costs as much as the federated run, assuming centralized
+    bytes grow linearly with patients and federated bytes do not; above it federated is cheaper."""
+    if centralized <= 0 or n_patients <= 0:
+        return None
+    return float(federated_bytes * n_patients / centralized)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -54,6 +54,7 @@ class SiteSplit:
     y_test: np.ndarray
     test_patient: np.ndarray
     stratified: bool
+    train_patient: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ def split_site(site: SiteData, test_fraction: float, rng: np.random.Generator) -
         y_test=site.y[test_rows],
         test_patient=site.patient_id[test_rows],
         stratified=stratified,
+        train_patient=site.patient_id[~test_rows],
     )
 
 

@@ -13,38 +13,93 @@ the client processed in the round (TFF's `ClientWeighting.NUM_EXAMPLES`): with t
 budget that is uniform over sites with at least `batch_size` training rows, and smaller for a
 site whose whole training set is smaller than one batch. (FLamby instead weights by training-set
 size; TFF 0.87's builders offer only NUM_EXAMPLES or UNIFORM.)
+
+Aggregation options (`Aggregation`): 8-bit (or `quantize_bits`) quantized updates through TFF's
+encoded sum (see `fedlab.federated.quantize`); client-level DP through a
+`DifferentiallyPrivateFactory` (see `fedlab.federated.privacy`), which averages clipped updates
+uniformly (`build_unweighted_fed_avg`), as DP-FedAvg does. The server learning rate of a method
+is `server_lrs[method]` when given, else `server_lr`. When `clients_per_round` is below the
+number of sites, each round a seeded draw (experiment seed, training seed) picks that many
+clients without replacement; the others skip the round (their batch windows go unused).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from fedlab.config import TrainConfig
-from fedlab.federated.data import SiteSplit, make_dataset
+from fedlab.federated import privacy, quantize
+from fedlab.federated.data import SiteSplit, make_dataset, stream_rng
 from fedlab.federated.fedprox import build_proximal_sgd
 from fedlab.federated.local import Trained, client_batches
 
 FEDERATED_METHODS = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+# (round index, global trainable weights after the round, mean client training loss)
+RoundCallback = Callable[[int, list[np.ndarray], float], None]
 
 
-def build_process(tff: ModuleType, method: str, model_fn: Any, cfg: TrainConfig) -> Any:
-    """The TFF learning process of one federated method."""
+@dataclass(frozen=True)
+class Aggregation:
+    """How client updates reach the server: exact weighted mean, quantized, and/or with DP noise."""
+
+    quantize_bits: int | None = None
+    noise_multiplier: float | None = None  # None: no differential privacy
+    clip: float = 1.0
+    clients_per_round: int = 1
+    noise_seed: int = 0
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier is not None
+
+
+def build_process(
+    tff: ModuleType,
+    method: str,
+    model_fn: Any,
+    cfg: TrainConfig,
+    client_lr: float | None = None,
+    aggregation: Aggregation | None = None,
+) -> Any:
+    """The TFF learning process of one federated method (client LR defaults to `cfg.client_lr`)."""
+    lr = cfg.client_lr if client_lr is None else client_lr
     if method == "fedprox":
-        client_optimizer = build_proximal_sgd(cfg.client_lr, cfg.prox_mu)
+        client_optimizer = build_proximal_sgd(lr, cfg.prox_mu)
     else:
-        client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=cfg.client_lr)
-    return tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn,
+        client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=lr)
+    server_lr = cfg.server_lrs.get(method, cfg.server_lr)
+    common = dict(
         client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=_server_optimizer(tff, method, cfg.server_lr),
+        server_optimizer_fn=_server_optimizer(tff, method, server_lr),
         # The iterator loop runs a round several times faster on CPU than the default
         # DatasetReduce loop (which exists for TPUs); the arithmetic is the same.
         loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
+    aggregation = aggregation or Aggregation()
+    if aggregation.private:
+        record_sum = (
+            quantize.quantized_sum_factory(tff, aggregation.quantize_bits)
+            if aggregation.quantize_bits
+            else None
+        )
+        factory = privacy.dp_aggregator(
+            tff,
+            aggregation.noise_multiplier,
+            aggregation.clip,
+            aggregation.clients_per_round,
+            aggregation.noise_seed,
+            record_sum,
+        )
+        return tff.learning.algorithms.build_unweighted_fed_avg(model_fn, model_aggregator=factory, **common)
+    if aggregation.quantize_bits:
+        common["model_aggregator"] = quantize.quantized_mean_factory(tff, aggregation.quantize_bits)
+    return tff.learning.algorithms.build_weighted_fed_avg(model_fn, **common)
 
 
 def _server_optimizer(tff: ModuleType, method: str, lr: float) -> Any:
@@ -70,6 +125,7 @@ def train_federated(
     exp_seed: int,
     seed: int,
     cfg: TrainConfig,
+    on_round: RoundCallback | None = None,
 ) -> Trained:
     """Run `cfg.rounds` rounds from the given initial weights; returns final weights and losses."""
     start = time.perf_counter()
@@ -79,18 +135,28 @@ def train_federated(
     state = process.set_model_weights(
         state, tff.learning.models.ModelWeights(trainable=list(init), non_trainable=[])
     )
+    picks = client_schedule(exp_seed, seed, len(splits), cfg.clients_per_round, cfg.rounds)
     history, round_seconds = [], []
     for r in range(cfg.rounds):
         window = slice(r * cfg.local_steps, (r + 1) * cfg.local_steps)
-        client_data = [
-            make_dataset(x, split.y_train, stream[window])
-            for split, x, stream in zip(splits, scaled_train, streams, strict=True)
-        ]
+        client_data = [make_dataset(scaled_train[k], splits[k].y_train, streams[k][window]) for k in picks[r]]
         round_start = time.perf_counter()
         output = process.next(state, client_data)
         round_seconds.append(time.perf_counter() - round_start)
         state = output.state
         history.append(float(output.metrics["client_work"]["train"]["loss"]))
+        if on_round is not None:
+            on_round(r, [np.asarray(w) for w in process.get_model_weights(state).trainable], history[-1])
     weights = [np.asarray(w) for w in process.get_model_weights(state).trainable]
     train_sites = "+".join(s.site for s in splits)
     return Trained(method, train_sites, weights, history, time.perf_counter() - start, round_seconds)
+
+
+def client_schedule(
+    exp_seed: int, seed: int, n_sites: int, clients_per_round: int | None, rounds: int
+) -> list[list[int]]:
+    """Indices of the clients taking part in each round (all of them unless sampling)."""
+    if clients_per_round is None or clients_per_round >= n_sites:
+        return [list(range(n_sites)) for _ in range(rounds)]
+    rng = stream_rng(exp_seed, seed, "client-sampling")
+    return [sorted(rng.choice(n_sites, clients_per_round, replace=False).tolist()) for _ in range(rounds)]

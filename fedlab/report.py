@@ -141,6 +141,7 @@ def results_markdown(exp: Experiment, results: dict[str, Any], figures: list[str
         lines.append(f"| {c['method']} | {c['baseline']} | {c['federated']:.3f} | {c['baseline_value']:.3f} | "
                      f"{_signed(c['delta_abs'], '.3f')} | {_signed(c['delta_rel_pct'], '.1f', '%')} |")
     lines += _communication_section(results)
+    lines += _privacy_section(results)
     lines += _claims_section(exp, results, table)
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
@@ -176,6 +177,54 @@ def _communication_section(results: dict[str, Any]) -> list[str]:
              "Computed from TFF's type signatures (element counts × dtype size); TFF itself counts no bytes.", "",
              "| quantity | value |", "|---|---|"]
     lines += [f"| {name} | {value if value is not None else '—'} |" for name, value in rows]
+    per_method = comm.get("per_method") or {}
+    if per_method:
+        lines += ["", "| method | bytes down / client / round | bytes up / client / round | total bytes |",
+                  "|---|---|---|---|"]
+        lines += [f"| {m} | {v.get('bytes_down_per_client_per_round')} | {v.get('bytes_up_per_client_per_round')} "
+                  f"| {v.get('total_bytes')} |" for m, v in sorted(per_method.items())]
+    quant = comm.get("quantization")
+    if quant:
+        lines += ["", f"8-bit quantization ({quant.get('encoding', '')}): update bytes up per client per round "
+                      f"{quant.get('bytes_up_per_client_per_round_unquantized')} → "
+                      f"{quant.get('bytes_up_per_client_per_round_quantized')}."]
+    crossover = comm.get("crossover_patients") or {}
+    for alternative, by_method in sorted(crossover.items()):
+        cells = ", ".join(f"{m}: {_round(v)}" for m, v in sorted(by_method.items()))
+        lines.append(f"\nFederated becomes cheaper than centralizing `{alternative}` above about {cells} patients "
+                     "(centralized bytes scale with patients, federated bytes do not).")
+    return lines
+
+
+def _epsilon(value: float | None) -> str:
+    return "∞ (no noise)" if value is None else f"{value:.2f}"
+
+
+def _round(value: Any) -> str:
+    return "—" if value is None else f"{float(value):,.0f}"
+
+
+def _privacy_section(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    privacy = results.get("privacy") or {}
+    applied = {m: p for m, p in privacy.items() if isinstance(p, dict) and p.get("epsilon") is not None}
+    if applied:
+        lines += ["", "## Privacy", "", "| method | noise multiplier | clip | rounds | δ | ε |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {p['noise_multiplier']} | {p.get('clip')} | {p.get('rounds')} | {p.get('delta')} | "
+                  f"{p['epsilon']:.2f} |" for m, p in sorted(applied.items())]
+        warnings = sorted({p["warning"] for p in applied.values() if p.get("warning")})
+        lines += [f"\n**Warning:** {w}" for w in warnings]
+    curve = results.get("privacy_curve") or []
+    if curve:
+        lines += ["", "| noise multiplier | ε | pooled AUROC |", "|---|---|---|"]
+        lines += [f"| {c['noise_multiplier']} | {_epsilon(c.get('epsilon'))} | {_number(c.get('auroc_pooled')):.3f} |"
+                  for c in curve]
+    if results.get("secure_aggregation"):
+        lines += ["", f"Secure aggregation: {results['secure_aggregation']}"]
+    tuning = results.get("tuning") or {}
+    if tuning.get("chosen"):
+        lines += ["", f"Client learning rates chosen on validation data ({tuning.get('criterion')}, seed "
+                      f"{tuning.get('seed')}): " + ", ".join(f"{m} {lr}" for m, lr in sorted(tuning['chosen'].items()))]
     return lines
 
 
@@ -232,6 +281,14 @@ def make_figures(exp: Experiment, results: dict[str, Any], out_dir: Path) -> lis
         fig = _kxk_heatmap(plt, table, exp.site_ids)
         written += _save(fig, out_dir, "local_kxk_auroc")
         plt.close(fig)
+    if results.get("comm_curve"):
+        fig = _comm_curve(plt, results)
+        written += _save(fig, out_dir, "bytes_to_auroc")
+        plt.close(fig)
+    if results.get("privacy_curve"):
+        fig = _privacy_curve(plt, results["privacy_curve"])
+        written += _save(fig, out_dir, "auroc_vs_epsilon")
+        plt.close(fig)
     return [f"figures/{name}" for name in written if name.endswith(".png")]
 
 
@@ -255,20 +312,51 @@ def _auroc_bars(plt: Any, table: dict, test_sites: list[str]) -> Any:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(test_sites)), 3.8))
     width = 0.8 / max(1, len(models))
     for i, (method, train_sites) in enumerate(models):
-        means, errs = [], []
+        means, below, above = [], [], []
         for site in test_sites:
             key = ("local", site, site) if method == "local" else (method, train_sites, site)
             cell = table.get(key)
+            has_ci = bool(cell) and not np.isnan(cell["ci_low"])
             means.append(cell["mean"] if cell else np.nan)
-            errs.append(cell["mean"] - cell["ci_low"] if cell and not np.isnan(cell["ci_low"]) else 0)
+            below.append(cell["mean"] - cell["ci_low"] if has_ci else 0)
+            above.append(cell["ci_high"] - cell["mean"] if has_ci else 0)
         xs = np.arange(len(test_sites)) + i * width
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"{method}" + (" (own site)" if method == "local" else ""))
+        ax.bar(xs, means, width, yerr=[below, above], capsize=2,
+               label=f"{method}" + (" (own site)" if method == "local" else ""))
     ax.set_xticks(np.arange(len(test_sites)) + width * (len(models) - 1) / 2, test_sites)
     ax.set_ylabel("AUROC")
-    ax.set_ylim(0.4, 1.0)
+    ax.set_ylim(0.0, 1.05)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=8, ncols=min(4, len(models)))
     ax.set_title("AUROC by test site (95% CI)")
+    return fig
+
+
+def _comm_curve(plt: Any, results: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, points in sorted(results["comm_curve"].items()):
+        ax.plot([p["cumulative_bytes"] for p in points], [p["auroc_pooled"] for p in points], marker="o", ms=3,
+                label=method)
+    central = (results.get("communication") or {}).get("raw_data_bytes")
+    if central:
+        ax.axvline(central, color="grey", ls="--", lw=1, label="centralize feature tables")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes (all clients)")
+    ax.set_ylabel("AUROC, pooled test set")
+    ax.legend(fontsize=8)
+    ax.set_title("Bytes to AUROC")
+    return fig
+
+
+def _privacy_curve(plt: Any, curve: list[dict[str, Any]]) -> Any:
+    points = sorted((c["epsilon"], c["auroc_pooled"]) for c in curve if c.get("epsilon") is not None)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (client-level, RDP accountant)")
+    ax.set_ylabel("AUROC, pooled test set")
+    ax.set_title("Utility vs privacy (DP-FedAvg)")
     return fig
 
 

@@ -78,3 +78,30 @@ def test_figures_are_byte_identical_on_rerun(tmp_path: Path) -> None:
     first = (exp.report_path() / "figures" / "auroc_by_site.png").read_bytes()
     write_report(exp)
     assert (exp.report_path() / "figures" / "auroc_by_site.png").read_bytes() == first
+
+
+def test_privacy_communication_curves_are_rendered(tmp_path: Path) -> None:
+    exp = experiment_from_dict({"name": "t", "sites": [{"id": s, "patients": 5, "seed": 1} for s in SITES]},
+                               root=tmp_path)
+    results = {
+        "rows": _rows(),
+        "communication": {"total_bytes": 500, "raw_data_bytes": 2000,
+                          "per_method": {"fedavg": {"bytes_down_per_client_per_round": 28,
+                                                    "bytes_up_per_client_per_round": 32, "total_bytes": 500}},
+                          "crossover_patients": {"parquet_features": {"fedavg": 12.4}}},
+        "privacy": {"fedavg": {"noise_multiplier": 1.0, "clip": 1.0, "rounds": 4, "delta": 1e-5, "epsilon": 10.7,
+                               "warning": "only 2 sites: client-level DP protects little"}},
+        "privacy_curve": [{"noise_multiplier": 0.0, "epsilon": None, "auroc_pooled": 0.9},
+                          {"noise_multiplier": 1.0, "epsilon": 10.7, "auroc_pooled": 0.7}],
+        "comm_curve": {"fedavg": [{"round": 1, "cumulative_bytes": 120, "auroc_pooled": 0.7},
+                                  {"round": 2, "cumulative_bytes": 240, "auroc_pooled": 0.8}]},
+        "secure_aggregation": "not used: the simulation runtime sums updates in the clear",
+    }
+    write_json(exp.report_path() / "results.json", results)
+    md = write_report(exp).read_text()
+    assert "| fedavg | 1.0 | 1.0 | 4 | 1e-05 | 10.70 |" in md
+    assert "only 2 sites" in md and "∞ (no noise)" in md and "sums updates in the clear" in md
+    assert "above about fedavg: 12 patients" in md
+    assert "75.0% less" in md
+    figures = {p.name for p in (exp.report_path() / "figures").iterdir()}
+    assert {"bytes_to_auroc.png", "auroc_vs_epsilon.png"} <= figures

@@ -1,121 +1,126 @@
-"""Flattening throughput: fedlab's chunked fhiry path vs fhiry's own NDJSON reader.
+"""Flattening throughput of both engines on a generated 1,000-patient site, against fhiry's own readers.
 
-Synthesizes an Observation NDJSON of N resources (vitals, BP panels, glucose in mmol/L, HbA1c,
-an unmapped LOINC), flattens all of it with `fedlab.flatten.flatten_ndjson` (fhiry
-`process_bundle_dict` over 2,000-resource chunks + harmonization) and, as the anchor, the first
-`--anchor-lines` lines with `fhiry.Fhirndjson` (one `json_normalize` + concat per line). Both rates
-are measured; nothing is extrapolated. Prints one JSON object and writes `reports/bench/flatten.json`.
+Generates (or reuses, when complete and made from the same settings) `data/synthea/bench_flatten_1000/`
+with `fedlab.synthea.generate`, then measures in one run:
 
-    python benchmarks/bench_flatten.py [--resources 20000] [--anchor-lines 1000]
+- each engine (`views`, `fhiry`) flattening the site's whole `bulk/Observation.ndjson` with
+  `fedlab.flatten.flatten_ndjson` (read + check + flatten + derive + pint harmonization, no Parquet write);
+- fhiry's `Fhirndjson.process_file` on the first `--anchor-lines` lines of the same file;
+- fhiry's bundle path, `Fhiry().process_file`, on the first `--anchor-bundles` per-patient bundles.
+
+Rates are table rows per second (fhiry: rows of its DataFrame, one per resource), all measured, nothing
+extrapolated. Prints one JSON object with a `comparisons` list and writes `reports/bench/flatten.json`.
+
+    python benchmarks/bench_flatten.py [--patients 1000] [--anchor-lines 1000] [--anchor-bundles 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
 
+from fedlab.config import experiment_from_dict  # noqa: E402
 from fedlab.flatten import flatten_ndjson  # noqa: E402
 from fedlab.io import write_json  # noqa: E402
 
-LOINC = "http://loinc.org"
+SITE = "bench"
 
 
-def _quantity(value: float, unit: str) -> dict:
-    return {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+def site_folder(patients: int) -> Path:
+    from fedlab.synthea import generate
+
+    exp = experiment_from_dict({"name": f"bench_flatten_{patients}",
+                                "sites": [{"id": SITE, "patients": patients, "seed": 1}]}, root=ROOT)
+    return generate(exp, None, sites=[SITE], progress=False)[SITE]  # skipped when already complete
 
 
-def observation(i: int, rng: random.Random) -> dict:
-    kind = i % 5
-    res = {"resourceType": "Observation", "id": f"obs-{i}", "status": "final",
-           "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                     "code": "vital-signs"}]}],
-           "subject": {"reference": f"Patient/p{i // 50}"}, "encounter": {"reference": f"Encounter/e{i // 10}"},
-           "effectiveDateTime": f"20{10 + i % 14:02d}-0{1 + i % 9}-1{i % 10}T08:30:00-05:00"}
-    if kind == 0:
-        res["code"] = {"coding": [{"system": LOINC, "code": "85354-9", "display": "Blood pressure panel"}]}
-        res["component"] = [
-            {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, "valueQuantity": _quantity(rng.gauss(125, 15), "mm[Hg]")},
-            {"code": {"coding": [{"system": LOINC, "code": "8462-4"}]}, "valueQuantity": _quantity(rng.gauss(80, 10), "mm[Hg]")},
-        ]
-        return res
-    code, value, unit = [("39156-5", rng.gauss(28, 5), "kg/m2"), ("15074-8", rng.gauss(5.5, 1), "mmol/L"),
-                         ("4548-4", rng.gauss(5.6, 0.6), "%"), ("72514-3", rng.uniform(0, 10), "{score}")][kind - 1]
-    res["code"] = {"coding": [{"system": LOINC, "code": code}]}
-    res["valueQuantity"] = _quantity(value, unit)
-    return res
-
-
-def synthesize(path: Path, n: int, seed: int = 0) -> None:
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as handle:
-        for i in range(n):
-            handle.write(json.dumps(observation(i, rng)) + "\n")
-
-
-def fedlab_rate(path: Path) -> tuple[float, int, int]:
+def engine_rate(path: Path, engine: str) -> dict[str, Any]:
     started = time.perf_counter()
-    result = flatten_ndjson([path])
+    result = flatten_ndjson([path], engine=engine)
     seconds = time.perf_counter() - started
+    rows = len(result.tables["observation"])
     lines = result.harmonization()["reconciliation"]["lines"]
-    return seconds, lines, len(result.tables["observation"])
+    return {"rows": rows, "lines": lines, "seconds": round(seconds, 3), "rows_per_s": rows / seconds}
 
 
-def fhirndjson_rate(folder: Path, name: str) -> tuple[float, int]:
-    import fhiry
+def fhirndjson_rate(path: Path, lines: int, workdir: Path) -> dict[str, Any]:
+    from fhiry.fhirndjson import Fhirndjson
 
-    reader = fhiry.Fhirndjson()
+    folder = workdir / "ndjson_slice"
+    folder.mkdir()
+    with path.open(encoding="utf-8") as source:
+        (folder / path.name).write_text("".join(source.readline() for _ in range(lines)), encoding="utf-8")
+    reader = Fhirndjson()
     reader.folder = str(folder)
     started = time.perf_counter()
-    frame = reader.process_file(name)
-    return time.perf_counter() - started, len(frame)
+    frame = reader.process_file(path.name)
+    seconds = time.perf_counter() - started
+    return {"rows": len(frame), "lines": lines, "seconds": round(seconds, 3), "rows_per_s": len(frame) / seconds}
 
 
-def main() -> None:
+def fhiry_bundle_rate(bundles: list[Path]) -> dict[str, Any]:
+    import fhiry
+
+    rows = 0
+    started = time.perf_counter()
+    for bundle in bundles:
+        rows += len(fhiry.Fhiry().process_file(str(bundle)))
+    seconds = time.perf_counter() - started
+    return {"rows": rows, "bundles": len(bundles), "seconds": round(seconds, 3), "rows_per_s": rows / seconds}
+
+
+def comparison(name: str, value: dict[str, Any], goal: float, anchor: str, anchor_value: dict[str, Any]) -> dict:
+    return {"name": name, "value": round(value["rows_per_s"], 1), "unit": "rows/s", "goal": f"ratio >= {goal:g}",
+            "anchor": anchor, "anchor_value": round(anchor_value["rows_per_s"], 2),
+            "ratio": round(value["rows_per_s"] / anchor_value["rows_per_s"], 1),
+            "met": value["rows_per_s"] / anchor_value["rows_per_s"] >= goal}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resources", type=int, default=20000)
+    parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--anchor-lines", type=int, default=1000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        full = folder / "Observation.ndjson"
-        synthesize(full, args.resources)
-        anchor_dir = folder / "anchor"
-        anchor_dir.mkdir()
-        with open(full, encoding="utf-8") as src:
-            head = [next(src) for _ in range(min(args.anchor_lines, args.resources))]
-        (anchor_dir / "Observation.ndjson").write_text("".join(head), encoding="utf-8")
-        seconds, lines, rows = fedlab_rate(full)
-        anchor_seconds, anchor_rows = fhirndjson_rate(anchor_dir, "Observation.ndjson")
-    value = lines / seconds
-    anchor_value = len(head) / anchor_seconds
+    parser.add_argument("--anchor-bundles", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "flatten.json")
+    args = parser.parse_args(argv)
+    folder = site_folder(args.patients)
+    observations = folder / "bulk" / "Observation.ndjson"
+    views = engine_rate(observations, "views")
+    fhiry_engine = engine_rate(observations, "fhiry")
+    with tempfile.TemporaryDirectory(prefix="bench_flatten_") as tmp:
+        ndjson_anchor = fhirndjson_rate(observations, args.anchor_lines, Path(tmp))
+    bundle_anchor = fhiry_bundle_rate(sorted((folder / "fhir").glob("*.json"))[:args.anchor_bundles])
+    ndjson_name = f"fhiry.Fhirndjson.process_file, first {ndjson_anchor['lines']} lines of the same file"
+    bundle_name = f"fhiry.Fhiry().process_file over {bundle_anchor['bundles']} of the site's per-patient bundles"
     result = {
-        "name": "flatten",
-        "value": round(value, 1),
-        "unit": "resources/s",
-        "goal": "fedlab's fhiry path at least 20x fhiry.Fhirndjson on the same lines",
-        "anchor": f"fhiry.Fhirndjson.process_file on the first {len(head)} lines of the same file",
-        "anchor_value": round(anchor_value, 1),
-        "ratio": round(value / anchor_value, 1),
-        "resources": lines,
-        "table_rows": rows,
-        "seconds": round(seconds, 3),
-        "anchor_lines": len(head),
-        "anchor_rows": anchor_rows,
-        "anchor_seconds": round(anchor_seconds, 3),
-        "includes": "read + check + fhiry + table derivation + pint harmonization (no Parquet write)",
-        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+        "name": "flatten_observation_ndjson",
+        "comparisons": [
+            comparison("flatten_views_vs_fhirndjson", views, 300, ndjson_name, ndjson_anchor),
+            comparison("flatten_views_vs_fhiry_bundles", views, 5, bundle_name, bundle_anchor),
+            comparison("flatten_fhiry_vs_fhirndjson", fhiry_engine, 20, ndjson_name, ndjson_anchor),
+            comparison("flatten_fhiry_vs_fhiry_bundles", fhiry_engine, 5, bundle_name, bundle_anchor),
+        ],
+        "details": {"site": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
+                    "patients": args.patients, "views": views, "fhiry": fhiry_engine,
+                    "fhirndjson": ndjson_anchor, "fhiry_bundles": bundle_anchor,
+                    "includes": "read + check + flatten + derive + pint harmonization (no Parquet write)",
+                    "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                "load_average": list(os.getloadavg())}},
     }
     print(json.dumps(result, indent=2))
-    write_json(ROOT / "reports" / "bench" / "flatten.json", result)
+    write_json(args.out, result)
+    return result
 
 
 if __name__ == "__main__":

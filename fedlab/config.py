@@ -63,7 +63,7 @@ class SiteConfig(_Strict):
 class GenerateConfig(_Strict):
     # python: the hard-coded lifecycle model; gmf: Generic Module Framework modules on the lifecycle
     # physiology (fedlab's own modules, or `modules_dir`); synthea-jar: a user's Synthea jar.
-    engine: Literal["python", "gmf", "synthea-jar"] = "python"
+    engine: Literal["python", "gmf", "synthea-jar"] = "gmf"
     reference_date: dt.date = dt.date(2026, 1, 1)
     years_of_history: int = Field(12, ge=1, le=100)
     workers: int = Field(1, ge=1, le=64)
@@ -84,7 +84,8 @@ class ExportConfig(_Strict):
 
 
 class FlattenConfig(_Strict):
-    engine: Literal["fhiry"] = "fhiry"
+    # views: fedlab's SQL-on-FHIR ViewDefinitions (fast, R4 and R5); fhiry: fhiry's DataFrame path.
+    engine: Literal["views", "fhiry"] = "views"
 
 
 class TaskConfig(_Strict):

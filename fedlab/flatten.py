@@ -1,12 +1,22 @@
-"""Flatten FHIR R4 resources into tidy, harmonized Parquet tables with fhiry.
+"""Flatten FHIR R4 or R5 resources into tidy, harmonized Parquet tables.
 
-Resources come from a site's Bulk Data export (`<Type>.ndjson`, references `Type/id`) or from
-Synthea transaction bundles (`*.json`, references `urn:uuid:id`). Every input line (or bundle
+Resources come from a site's Bulk Data export (`<Type>.ndjson[.gz]`, references `Type/id`) or from
+Synthea transaction bundles (`*.json[.gz]`, references `urn:uuid:id`). Every input line (or bundle
 entry) is checked first; a bad one goes to quarantine with its file, line and reason, and the
-rest is flattened. Valid resources are handed to fhiry (`Fhiry.process_bundle_dict`) in chunks
-of synthetic collection bundles: fhiry's NDJSON reader is quadratic and its folder mode blanks
-code columns, so neither is used. The tidy tables of docs/architecture.md are then derived from
-fhiry's columns, and codes and units are harmonized with the maps in `fedlab/harmonization/`.
+rest is flattened by one of two engines (`flatten.engine`):
+
+- `views` (default): fedlab's SQL-on-FHIR v2 ViewDefinitions (`fedlab/views/definitions/`), one
+  per table, compiled once into plain Python closures over the resource dicts. The views cover
+  both R4 and R5 shapes (Encounter `period`/`actualPeriod`, `class` Coding/CodeableConcepts,
+  MedicationRequest `medicationCodeableConcept`/`medication.concept`). A resource the compiled
+  subset cannot decide alone is handed to the reference runner (`fedlab.views.runner`).
+- `fhiry`: `fhiry.Fhiry.process_bundle_dict` over chunks of synthetic collection bundles (fhiry's
+  NDJSON reader is quadratic and its folder mode blanks code columns, so neither is used); the
+  tables are then derived from fhiry's wide columns.
+
+Both engines then share the same derivations (OMB race/ethnicity labels, condition concepts,
+drug classes), unit harmonization with the maps in `fedlab/harmonization/`, quarantine and
+`harmonization.json`; `tests/test_flatten_parity.py` checks that they produce the same rows.
 """
 
 from __future__ import annotations
@@ -17,10 +27,10 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,10 +39,13 @@ import pyarrow.parquet as pq
 
 from fedlab import harmonization as hz
 from fedlab.io import SUCCESS, atomic_open, is_complete, read_json, staging_dir, write_json
+from fedlab.views.fastpath import CHOICE_NAMES, reference_key, resource_key
 
 if TYPE_CHECKING:
     from fedlab.config import Experiment
 
+Engine = Literal["views", "fhiry"]
+ENGINES: tuple[str, ...] = ("views", "fhiry")
 CHUNK_SIZE = 2000
 UTC_TS = pa.timestamp("us", tz="UTC")
 
@@ -64,32 +77,40 @@ SCHEMAS: dict[str, pa.Schema] = {
                                      ("rxnorm", pa.string()), ("status", pa.string()), ("concept", pa.string())]),
 }
 
-# Fields a resource must have for its row to mean anything; alternatives separated by "|".
+# Fields a resource must have for its row to mean anything; alternatives separated by "|"
+# (R4 and R5 names of the same element are alternatives).
 REQUIRED: dict[str, list[str]] = {
     "Patient": ["id", "birthDate"],
-    "Encounter": ["id", "subject.reference", "period.start"],
+    "Encounter": ["id", "subject.reference", "period.start|actualPeriod.start"],
     "Condition": ["id", "subject.reference", "code.coding", "onsetDateTime|onsetPeriod.start|recordedDate"],
     "Observation": ["id", "subject.reference", "code.coding",
                     "effectiveDateTime|effectivePeriod.start|effectiveInstant|issued"],
-    "MedicationRequest": ["id", "subject.reference", "medicationCodeableConcept.coding", "authoredOn"],
+    "MedicationRequest": ["id", "subject.reference", "medicationCodeableConcept.coding|medication.concept.coding",
+                          "authoredOn"],
 }
 DATETIME_FIELDS: dict[str, list[str]] = {
     "Patient": ["birthDate", "deceasedDateTime"],
-    "Encounter": ["period.start", "period.end"],
-    "Condition": ["onsetDateTime", "onsetPeriod.start", "recordedDate", "abatementDateTime"],
+    "Encounter": ["period.start", "period.end", "actualPeriod.start", "actualPeriod.end"],
+    "Condition": ["onsetDateTime", "onsetPeriod.start", "recordedDate", "abatementDateTime", "abatementPeriod.start"],
     "Observation": ["effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"],
     "MedicationRequest": ["authoredOn"],
 }
+_REQUIRED_KEYS = {rtype: [[alt.split(".") for alt in spec.split("|")] for spec in specs]
+                  for rtype, specs in REQUIRED.items()}
+_DATETIME_KEYS = {rtype: [(name, name.split(".")) for name in names] for rtype, names in DATETIME_FIELDS.items()}
 _DATETIME = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 
 RACE_OMB = {"2106-3": "white", "2054-5": "black", "2028-9": "asian", "1002-5": "native",
             "2076-8": "pacific", "2131-1": "other"}
 ETHNICITY_OMB = {"2135-2": "hispanic", "2186-5": "nonhispanic"}
+US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+US_CORE_ETHNICITY = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+LOINC = "http://loinc.org"
 
 
 class FlattenError(ValueError):
-    """Input that cannot be flattened at all (missing folder, unreadable manifest)."""
+    """Input that cannot be flattened at all (missing folder, unreadable manifest, unknown engine)."""
 
 
 @dataclass
@@ -127,8 +148,11 @@ class FlattenResult:
 # ---- input checks -------------------------------------------------------------------------
 
 def _get(resource: dict[str, Any], dotted: str) -> Any:
-    node: Any = resource
-    for key in dotted.split("."):
+    return _get_keys(resource, dotted.split("."))
+
+
+def _get_keys(node: Any, keys: list[str]) -> Any:
+    for key in keys:
         if not isinstance(node, dict):
             return None
         node = node.get(key)
@@ -144,20 +168,68 @@ def check_resource(resource: Any, expected_type: str | None) -> str | None:
         return f"resourceType {rtype!r} in a {expected_type} file"
     if rtype not in REQUIRED:
         return None
-    for spec in REQUIRED[rtype]:
-        if not any(_get(resource, alt) not in (None, "", []) for alt in spec.split("|")):
+    for spec, alternatives in zip(REQUIRED[rtype], _REQUIRED_KEYS[rtype], strict=True):
+        if not any(_get_keys(resource, keys) not in (None, "", []) for keys in alternatives):
             return f"{rtype} {resource.get('id', '?')}: missing required field {spec}"
-    value = _get(resource, "valueQuantity.value")
+    quantity = resource.get("valueQuantity")
+    value = quantity.get("value") if isinstance(quantity, dict) else None
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
         return f"{rtype} {resource.get('id', '?')}: valueQuantity.value is not a number: {value!r}"
-    for name in DATETIME_FIELDS[rtype]:
-        value = _get(resource, name)
+    for name, keys in _DATETIME_KEYS[rtype]:
+        value = _get_keys(resource, keys)
         if value is not None and not (isinstance(value, str) and _DATETIME.match(value)):
             return f"{rtype} {resource.get('id', '?')}: invalid dateTime in {name}: {value!r}"
     return None
 
 
-# ---- fhiry --------------------------------------------------------------------------------
+# ---- derivations shared by both engines -----------------------------------------------------
+
+def ref_id(ref: Any) -> str | None:
+    """`Patient/123`, `urn:uuid:123`, `http://x/fhir/Patient/123` -> `123`."""
+    if not isinstance(ref, str) or not ref:
+        return None
+    ref = ref.removeprefix("urn:uuid:")
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    return parts[-1] or None
+
+
+def _timestamps(series: pd.Series) -> pd.Series:
+    return pd.to_datetime(series, format="ISO8601", utc=True).astype("datetime64[us, UTC]")
+
+
+def _text(series: pd.Series) -> pd.Series:
+    """Codes as strings (a JSON number in a code field becomes its text), nulls as None."""
+    return series.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v),
+                      na_action=None).astype("object")
+
+
+def race_label(code: str | None) -> str:
+    return RACE_OMB.get(code, "other") if code else "unknown"
+
+
+def ethnicity_label(code: str | None) -> str:
+    return ETHNICITY_OMB.get(code, "unknown") if code else "unknown"
+
+
+def _condition_concepts(systems: pd.Series, codes: pd.Series) -> tuple[list[Any], list[str]]:
+    cmap = hz.condition_map()
+    mapped = [cmap.lookup(s, c) for s, c in zip(systems, codes, strict=True)]
+    return [m[0] for m in mapped], [m[1] for m in mapped]
+
+
+def _drug_classes(rxnorm: pd.Series) -> pd.Series:
+    meds = hz.medication_map()
+    return rxnorm.map(lambda code: meds.get(code) if code else None)
+
+
+def component_row_id(observation_id: str, loinc: str | None, index: int) -> str:
+    """The id of the row of one component of a split Observation (`o3-8480-6`)."""
+    return f"{observation_id}-{loinc if loinc else index}"
+
+
+# ---- engine `fhiry` -----------------------------------------------------------------------
 
 def run_fhiry(resources: list[dict[str, Any]]) -> pd.DataFrame:
     """One fhiry pass over resources wrapped in a synthetic collection bundle."""
@@ -180,79 +252,71 @@ def _col(frame: pd.DataFrame, *names: str) -> pd.Series:
     return out.where(out.notna(), None)
 
 
-def ref_id(ref: Any) -> str | None:
-    """`Patient/123`, `urn:uuid:123`, `http://x/fhir/Patient/123` -> `123`."""
-    if not isinstance(ref, str) or not ref:
-        return None
-    ref = ref.removeprefix("urn:uuid:")
-    parts = ref.split("/")
-    if len(parts) >= 4 and parts[-2] == "_history":
-        parts = parts[:-2]
-    return parts[-1] or None
-
-
-def _timestamps(series: pd.Series) -> pd.Series:
-    return pd.to_datetime(series, format="ISO8601", utc=True).astype("datetime64[us, UTC]")
-
-
-def _pick_coding(codings: Any, preferred: Iterable[str] = ()) -> tuple[str | None, str | None]:
-    """(system, code) of the first coding in a preferred system, else of the first coding."""
-    if not isinstance(codings, list) or not codings:
+def _first_coding(codings: Any, system: str | None = None) -> tuple[str | None, str | None]:
+    """(system, code) of the first coding that has a code (and is in `system`, when given)."""
+    if not isinstance(codings, list):
         return None, None
-    valid = [c for c in codings if isinstance(c, dict) and c.get("code")]
-    if not valid:
-        return None, None
-    preferred = list(preferred)
-    for coding in valid:
-        if coding.get("system") in preferred:
+    for coding in codings:
+        if isinstance(coding, dict) and coding.get("code") and (system is None or coding.get("system") == system):
             return coding.get("system"), str(coding["code"])
-    return valid[0].get("system"), str(valid[0]["code"])
+    return None, None
 
 
-def _omb_code(extensions: Any, url_suffix: str) -> str | None:
-    if not isinstance(extensions, list):
+def _first_concept_code(concepts: Any) -> str | None:
+    """First code of a list of CodeableConcepts (Encounter.type, R5 Encounter.class)."""
+    if not isinstance(concepts, list):
         return None
-    for ext in extensions:
-        if isinstance(ext, dict) and str(ext.get("url", "")).endswith(url_suffix):
-            for sub in ext.get("extension", []):
-                if sub.get("url") == "ombCategory" and isinstance(sub.get("valueCoding"), dict):
-                    return sub["valueCoding"].get("code")
+    for concept in concepts:
+        code = _first_coding(concept.get("coding") if isinstance(concept, dict) else None)[1]
+        if code:
+            return code
     return None
 
 
-# ---- per-type derivations from fhiry's frame ---------------------------------------------
+def _omb_code(extensions: Any, url: str) -> str | None:
+    if not isinstance(extensions, list):
+        return None
+    for ext in extensions:
+        if isinstance(ext, dict) and ext.get("url") == url:
+            for sub in ext.get("extension", []):
+                if sub.get("url") == "ombCategory" and isinstance(sub.get("valueCoding"), dict):
+                    code = sub["valueCoding"].get("code")
+                    if code:
+                        return code
+    return None
 
-def _patients(frame: pd.DataFrame) -> pd.DataFrame:
-    race_codes = _col(frame, "extension").map(lambda e: _omb_code(e, "us-core-race"))
-    eth_codes = _col(frame, "extension").map(lambda e: _omb_code(e, "us-core-ethnicity"))
+
+def _fhiry_patients(frame: pd.DataFrame) -> pd.DataFrame:
+    extensions = _col(frame, "extension")
     return pd.DataFrame({
         "patient_id": _col(frame, "id"),
         "birth_date": _timestamps(_col(frame, "birthDate")).dt.date,
         "gender": _col(frame, "gender"),
-        "race": race_codes.map(lambda c: RACE_OMB.get(c, "other") if c else "unknown"),
-        "ethnicity": eth_codes.map(lambda c: ETHNICITY_OMB.get(c, "unknown") if c else "unknown"),
+        "race": extensions.map(lambda e: race_label(_omb_code(e, US_CORE_RACE))),
+        "ethnicity": extensions.map(lambda e: ethnicity_label(_omb_code(e, US_CORE_ETHNICITY))),
         "deceased": _timestamps(_col(frame, "deceasedDateTime")),
     })
 
 
-def _encounters(frame: pd.DataFrame) -> pd.DataFrame:
-    types = _col(frame, "type").map(lambda t: _pick_coding(t[0].get("coding"))[1]
-                                    if isinstance(t, list) and t and isinstance(t[0], dict) else None)
+def _fhiry_encounters(frame: pd.DataFrame) -> pd.DataFrame:
+    # R4 `class` is a Coding (fhiry: `class.code`); R5 `class` is a list of CodeableConcepts.
+    class_code = _col(frame, "class.code")
+    if "class" in frame:
+        class_code = class_code.where(class_code.notna(), frame["class"].map(_first_concept_code))
     return pd.DataFrame({
         "encounter_id": _col(frame, "id"),
         "patient_id": _col(frame, "patientId").map(ref_id),
-        "class_code": _col(frame, "class.code"),
-        "type_code": types,
-        "start": _timestamps(_col(frame, "period.start")),
-        "end": _timestamps(_col(frame, "period.end")),
+        "class_code": class_code.where(class_code.notna(), None),
+        "type_code": _col(frame, "type").map(_first_concept_code),
+        "start": _timestamps(_col(frame, "period.start", "actualPeriod.start")),
+        "end": _timestamps(_col(frame, "period.end", "actualPeriod.end")),
     })
 
 
-def _conditions(frame: pd.DataFrame) -> pd.DataFrame:
-    cmap = hz.condition_map()
-    picked = _col(frame, "code.coding").map(_pick_coding)
+def _fhiry_conditions(frame: pd.DataFrame) -> pd.DataFrame:
+    picked = _col(frame, "code.coding").map(_first_coding)
     systems, codes = picked.map(lambda p: p[0]), picked.map(lambda p: p[1])
-    mapped = [cmap.lookup(s, c) for s, c in zip(systems, codes, strict=True)]
+    concepts, flags = _condition_concepts(systems, codes)
     return pd.DataFrame({
         "condition_id": _col(frame, "id"),
         "patient_id": _col(frame, "patientId").map(ref_id),
@@ -261,48 +325,48 @@ def _conditions(frame: pd.DataFrame) -> pd.DataFrame:
         "code": codes,
         "onset": _timestamps(_col(frame, "onsetDateTime", "onsetPeriod.start", "recordedDate")),
         "abatement": _timestamps(_col(frame, "abatementDateTime", "abatementPeriod.start")),
-        "concept": [m[0] for m in mapped],
-        "flag": [m[1] for m in mapped],
+        "concept": concepts,
+        "flag": flags,
     })
 
 
-def _observations(frame: pd.DataFrame) -> pd.DataFrame:
-    omap = hz.observation_map()
+def _fhiry_observations(frame: pd.DataFrame) -> pd.DataFrame:
     base = pd.DataFrame({
         "observation_id": _col(frame, "id"),
         "patient_id": _col(frame, "patientId").map(ref_id),
         "encounter_id": _col(frame, "encounter.reference").map(ref_id),
         "effective": _timestamps(_col(frame, "effectiveDateTime", "effectivePeriod.start",
                                       "effectiveInstant", "issued")),
-        "loinc": _col(frame, "code.coding").map(lambda c: _pick_coding(c, ["http://loinc.org"])[1]),
+        "loinc": _col(frame, "code.coding").map(lambda c: _first_coding(c, LOINC)[1]),
         "value": pd.to_numeric(_col(frame, "valueQuantity.value"), errors="coerce"),
         "unit": _col(frame, "valueQuantity.code", "valueQuantity.unit"),
     })
     components = _col(frame, "component")
-    is_panel = base["loinc"].isin(omap.split_panels) & components.map(lambda c: isinstance(c, list) and bool(c))
-    parts = [base[~is_panel]]
-    if is_panel.any():
-        parts.append(_component_rows(base[is_panel], components[is_panel]))
+    split = components.map(lambda c: isinstance(c, list) and bool(c)).astype(bool)
+    parts = [base[~split]]
+    if split.any():
+        parts.append(_component_rows(base[split], components[split]))
     return pd.concat(parts, ignore_index=True)
 
 
 def _component_rows(panels: pd.DataFrame, components: pd.Series) -> pd.DataFrame:
-    """One row per component of a panel (BP 85354-9 -> 8480-6 systolic, 8462-4 diastolic)."""
+    """One row per component of an Observation (BP 85354-9 -> 8480-6 systolic, 8462-4 diastolic)."""
     rows = []
-    for (_, panel), comps in zip(panels.iterrows(), components, strict=True):
-        for comp in comps:
-            code = _pick_coding(_get(comp, "code.coding"), ["http://loinc.org"])[1]
-            quantity = comp.get("valueQuantity") or {}
-            rows.append({**panel.to_dict(), "observation_id": f"{panel['observation_id']}-{code}", "loinc": code,
-                         "value": quantity.get("value"), "unit": quantity.get("code") or quantity.get("unit")})
+    for panel, comps in zip(panels.to_dict("records"), components, strict=True):
+        for index, comp in enumerate(c for c in comps if c is not None):
+            code = _first_coding(_get(comp, "code.coding"), LOINC)[1]
+            quantity = comp.get("valueQuantity") if isinstance(comp.get("valueQuantity"), dict) else {}
+            rows.append({**panel, "observation_id": component_row_id(panel["observation_id"], code, index),
+                         "loinc": code, "value": quantity.get("value"),
+                         "unit": quantity.get("code") or quantity.get("unit")})
     out = pd.DataFrame(rows, columns=panels.columns)
     out["value"] = pd.to_numeric(out["value"], errors="coerce")
     return out
 
 
-def _medication_requests(frame: pd.DataFrame) -> pd.DataFrame:
-    meds = hz.medication_map()
-    rxnorm = _col(frame, "medicationCodeableConcept.coding").map(lambda c: _pick_coding(c, [RXNORM])[1])
+def _fhiry_medication_requests(frame: pd.DataFrame) -> pd.DataFrame:
+    rxnorm = _col(frame, "medicationCodeableConcept.coding", "medication.concept.coding").map(
+        lambda c: _first_coding(c, RXNORM)[1])
     return pd.DataFrame({
         "medication_request_id": _col(frame, "id"),
         "patient_id": _col(frame, "patientId").map(ref_id),
@@ -310,12 +374,494 @@ def _medication_requests(frame: pd.DataFrame) -> pd.DataFrame:
         "authored_on": _timestamps(_col(frame, "authoredOn")),
         "rxnorm": rxnorm,
         "status": _col(frame, "status"),
-        "concept": rxnorm.map(lambda code: meds.get(code) if code else None),
+        "concept": _drug_classes(rxnorm),
     })
 
 
-DERIVE = {"Patient": _patients, "Encounter": _encounters, "Condition": _conditions,
-          "Observation": _observations, "MedicationRequest": _medication_requests}
+FHIRY_DERIVE = {"Patient": _fhiry_patients, "Encounter": _fhiry_encounters, "Condition": _fhiry_conditions,
+                "Observation": _fhiry_observations, "MedicationRequest": _fhiry_medication_requests}
+
+
+class FhiryEngine:
+    """Resources in, tidy (not yet harmonized) frames out, through fhiry in chunks."""
+
+    name = "fhiry"
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
+        self.chunk_size = chunk_size
+        self.chunk: list[dict[str, Any]] = []
+        self.parts: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLE_OF_TYPE}
+
+    def add(self, rtype: str, resource: dict[str, Any]) -> None:
+        self.chunk.append(resource)
+        if len(self.chunk) >= self.chunk_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.chunk:
+            frame = run_fhiry(self.chunk)
+            for rtype, sub in frame.groupby("resourceType", sort=False):
+                self.parts[str(rtype)].append(FHIRY_DERIVE[str(rtype)](sub.reset_index(drop=True)))
+            self.chunk.clear()
+
+    def frames(self) -> dict[str, pd.DataFrame | None]:
+        self._flush()
+        out: dict[str, pd.DataFrame | None] = {}
+        for rtype, parts in self.parts.items():
+            frames = [p for p in parts if len(p)]
+            out[rtype] = pd.concat(frames, ignore_index=True) if frames else None
+        return out
+
+
+# ---- engine `views`: ViewDefinitions compiled to closures ---------------------------------
+#
+# The compiled subset is the one fedlab's definitions use: member navigation, `ofType(T)` on a
+# choice element, `where(path)` / `where(path = 'literal')`, `extension('url')`, `first()`,
+# `last()`, `exists()`, `empty()`, `getResourceKey()`, `getReferenceKey([Type])` and `$this`;
+# selects with `column`, `select`, `forEach`, `forEachOrNull` and `unionAll`. Rows are tuples in
+# the view's column order. Whatever the subset cannot decide alone (a primitive carrying only an
+# extension, a choice element read without `ofType`, several values in a one-value column)
+# raises `_Undecided`, and that resource goes through the reference runner instead.
+
+Step = Callable[[list[Any]], list[Any]]
+_TOKEN = re.compile(r"\s*(?:(?P<str>'[^'\\]*')|(?P<ident>[A-Za-z_][A-Za-z0-9_]*)|(?P<this>\$this)"
+                    r"|(?P<op>[.()=]))")
+_INTEGER_TYPES = {"integer", "positiveInt", "unsignedInt", "integer64"}
+
+
+class _Undecided(Exception):
+    """The compiled subset cannot decide this resource; use the reference runner."""
+
+
+class _Unsupported(Exception):
+    """A path or select outside the compiled subset."""
+
+
+def _tokens(path: str) -> list[tuple[str, str]]:
+    out, position, text = [], 0, path.rstrip()
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if not match or match.end() == position:
+            raise _Unsupported(path)
+        out.append((match.lastgroup or "", match.group(match.lastgroup or 0)))
+        position = match.end()
+    return out
+
+
+class _PathCompiler:
+    def __init__(self, path: str) -> None:
+        self.tokens = _tokens(path)
+        self.position = 0
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.tokens[self.position] if self.position < len(self.tokens) else None
+
+    def at(self, kind: str, text: str | None = None) -> bool:
+        token = self.peek()
+        return token is not None and token[0] == kind and (text is None or token[1] == text)
+
+    def take(self, kind: str, text: str | None = None) -> str:
+        if not self.at(kind, text):
+            raise _Unsupported(str(self.peek()))
+        self.position += 1
+        return self.tokens[self.position - 1][1]
+
+    def path(self) -> list[Step]:
+        steps: list[Step] = []
+        if self.at("this"):
+            self.take("this")
+        else:
+            steps.append(self.invocation(steps))
+        while self.at("op", "."):
+            self.take("op", ".")
+            steps.append(self.invocation(steps))
+        return steps
+
+    def invocation(self, previous: list[Step]) -> Step:
+        name = self.take("ident")
+        if not self.at("op", "("):
+            if name[0].isupper():
+                raise _Unsupported(name)
+            return _member(name)
+        self.take("op", "(")
+        step = self.function(name, previous)
+        self.take("op", ")")
+        return step
+
+    def function(self, name: str, previous: list[Step]) -> Step:
+        simple: dict[str, Step] = {
+            "first": lambda items: items[:1],
+            "last": lambda items: items[-1:],
+            "exists": lambda items: [bool(items)],
+            "empty": lambda items: [not items],
+            "getResourceKey": lambda items: [k for item in items for k in resource_key(item)],
+        }
+        if name in simple:
+            step = simple[name]
+            step.terminal = True  # type: ignore[attr-defined]
+            return step
+        if name == "getReferenceKey":
+            wanted = self.take("ident") if self.at("ident") else None
+            step = lambda items: [k for item in items for k in reference_key(item, wanted)]  # noqa: E731
+            step.terminal = True  # type: ignore[attr-defined]
+            return step
+        if name == "ofType" and previous and getattr(previous[-1], "member", None) in CHOICE_NAMES:
+            return _choice(previous.pop().member, self.take("ident"))  # type: ignore[attr-defined]
+        if name == "extension" and self.at("str"):
+            url = self.take("str")[1:-1]
+            extensions = _member("extension")
+            return lambda items: [e for e in extensions(items) if isinstance(e, dict) and e.get("url") == url]
+        if name == "where":
+            return _where(self.condition())
+        raise _Unsupported(name)
+
+    def condition(self) -> Callable[[Any], bool | None]:
+        steps = self.path()
+        evaluate = (_scalar_walk(steps) if steps else None) or (lambda item: _apply(steps, [item]))
+        if not self.at("op", "="):
+            def holds(item: Any) -> bool | None:
+                values = evaluate(item)
+                if not values:
+                    return None
+                if len(values) == 1 and isinstance(values[0], bool):
+                    return values[0]
+                raise _Undecided("non-boolean condition")
+            return holds
+        self.take("op", "=")
+        literal = self.take("str")[1:-1]
+
+        def equals(item: Any) -> bool | None:
+            values = evaluate(item)
+            if len(values) > 1:
+                raise _Undecided("collection equality")
+            return (values[0] == literal) if values else None
+        return equals
+
+
+def _apply(steps: list[Step], items: list[Any]) -> list[Any]:
+    for step in steps:
+        items = step(items)
+    return items
+
+
+def _member(name: str) -> Step:
+    may_be_choice = name in CHOICE_NAMES
+    extension_key = "_" + name
+    size = len(name)
+
+    def member(items: list[Any]) -> list[Any]:
+        found: list[Any] = []
+        for item in items:
+            if type(item) is not dict:
+                if name == "extension":
+                    raise _Undecided("extension of a primitive")
+                continue
+            value = item.get(name)
+            if value is None:
+                if extension_key in item or (may_be_choice and any(
+                        k.startswith(name) and len(k) > size and k[size].isupper() for k in item)):
+                    raise _Undecided(name)
+                continue
+            if type(value) is list:
+                found.extend(v for v in value if v is not None)
+            else:
+                found.append(value)
+        return found
+
+    member.member = name  # type: ignore[attr-defined]
+    return member
+
+
+def _choice(base: str, type_name: str) -> Step:
+    key = base + type_name[0].upper() + type_name[1:]
+    extension_key = "_" + key
+
+    def choice(items: list[Any]) -> list[Any]:
+        found: list[Any] = []
+        for item in items:
+            if type(item) is not dict or base in item:
+                # `base` itself present: the element is not the choice here (R5 MedicationRequest.medication)
+                continue
+            value = item.get(key)
+            if value is None:
+                if extension_key in item:
+                    raise _Undecided(key)
+                continue
+            found.extend(value) if type(value) is list else found.append(value)
+        return found
+
+    choice.choice = (base, key)  # type: ignore[attr-defined]
+    return choice
+
+
+def _where(condition: Callable[[Any], bool | None]) -> Step:
+    step = lambda items: [item for item in items if condition(item) is True]  # noqa: E731
+    step.condition = condition  # type: ignore[attr-defined]
+    return step
+
+
+def compile_guards(path: str) -> list[Callable[[Any], bool | None]] | None:
+    """The conditions of a path made only of `where(...)` steps (a filter on the focus), else None."""
+    parser = _PathCompiler(path)
+    steps = parser.path()
+    if parser.peek() is not None or not steps or not all(hasattr(step, "condition") for step in steps):
+        return None
+    return [step.condition for step in steps]  # type: ignore[attr-defined]
+
+
+def compile_path(path: str) -> Callable[[Any], list[Any]]:
+    """A FHIRPath expression of the compiled subset as a function of one node; `_Unsupported` otherwise."""
+    parser = _PathCompiler(path)
+    steps = parser.path()
+    if parser.peek() is not None:
+        raise _Unsupported(path)
+    walk = _scalar_walk(steps)
+    if walk is not None:
+        return walk
+    if len(steps) == 1:
+        only = steps[0]
+        return lambda node: only([node])
+    return lambda node: _apply(steps, [node])
+
+
+def _scalar_walk(steps: list[Step]) -> Callable[[Any], list[Any]] | None:
+    """Member/choice chains (plus one final function) walked dict by dict without building lists;
+    the first list met on the way hands the node to the general step-by-step evaluation."""
+    terminal = steps[-1] if steps and getattr(steps[-1], "terminal", False) else None
+    chain = steps[:-1] if terminal else steps
+    keys: list[tuple[str, str | None]] = []  # (key, choice base or None)
+    for step in chain:
+        if hasattr(step, "member"):
+            keys.append((step.member, None))  # type: ignore[attr-defined]
+        elif hasattr(step, "choice"):
+            base, key = step.choice  # type: ignore[attr-defined]
+            keys.append((key, base))
+        else:
+            return None
+    if not keys:
+        return None
+    plain = [key for key, _ in keys]
+
+    def walk(node: Any) -> list[Any]:
+        current = node
+        for key, base in keys:
+            if type(current) is not dict:
+                return _apply(steps, [node])
+            if base is not None and base in current:
+                return terminal([]) if terminal else []
+            value = current.get(key)
+            if value is None:
+                if "_" + key in current or (key in CHOICE_NAMES and key in plain and base is None):
+                    return _apply(steps, [node])  # the general steps decide (or raise _Undecided)
+                return terminal([]) if terminal else []
+            if type(value) is list:
+                return _apply(steps, [node])
+            current = value
+        return terminal([current]) if terminal else [current]
+
+    return walk
+
+
+def _converter(column_type: str | None) -> Callable[[Any], Any]:
+    """The runner's value typing: decimals as floats, integers as ints, everything else as parsed."""
+    if column_type == "decimal":
+        return lambda v: float(v) if type(v) is int else v
+    if column_type in _INTEGER_TYPES:
+        return lambda v: int(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+    return lambda v: v
+
+
+@dataclass
+class _SelectPlan:
+    columns: list[tuple[Callable[[Any], list[Any]], bool, Callable[[Any], Any]]]
+    children: list[_SelectPlan]
+    union: list[_SelectPlan]
+    for_each: Callable[[Any], list[Any]] | None = None
+    or_null: bool = False
+    guards: list[Callable[[Any], bool | None]] | None = None  # forEach is `where(a).where(b)...`
+    leaf_guards: list[Callable[[Any], bool | None]] | None = None  # the same, for a select without children
+
+    def rows(self, node: Any) -> list[tuple]:
+        if self.guards is not None:
+            holds = node is not None and all(guard(node) is True for guard in self.guards)
+            focus = [node] if holds else ([None] if self.or_null else [])
+        elif self.for_each is not None:
+            focus = self.for_each(node) if node is not None else []
+            if self.or_null and not focus:
+                focus = [None]
+        else:
+            focus = [node]
+        out: list[tuple] = []
+        for item in focus:
+            row = tuple([self._value(path, collection, convert, item) for path, collection, convert in self.columns])
+            if not self.children and not self.union:
+                out.append(row)
+                continue
+            rows = [row]
+            for child in self.children:
+                part = child.rows(item)
+                rows = [left + right for left in rows for right in part]
+            if self.union:
+                part = []
+                for branch in self.union:
+                    if branch.leaf_guards is None:
+                        part += branch.rows(item)
+                    elif item is not None and all(guard(item) is True for guard in branch.leaf_guards):
+                        part.append(branch.values(item))  # the common `where(...)` branch, inlined
+                rows = [left + right for left in rows for right in part]
+            out += rows
+        return out
+
+    def values(self, item: Any) -> tuple:
+        return tuple([self._value(path, collection, convert, item) for path, collection, convert in self.columns])
+
+    @staticmethod
+    def _value(path: Callable[[Any], list[Any]], collection: bool, convert: Callable[[Any], Any], item: Any) -> Any:
+        values = path(item) if item is not None else []
+        if collection:
+            return [convert(v) for v in values]
+        if len(values) > 1:
+            raise _Undecided("several values in a one-value column")
+        return convert(values[0]) if values else None
+
+
+def _plan_select(node: dict[str, Any]) -> _SelectPlan:
+    if "repeat" in node:
+        raise _Unsupported("repeat")
+    plan = _SelectPlan(
+        columns=[(compile_path(c["path"]), bool(c.get("collection", False)), _converter(c.get("type")))
+                 for c in node.get("column", [])],
+        children=[_plan_select(s) for s in node.get("select", [])],
+        union=[_plan_select(u) for u in node.get("unionAll", [])],
+    )
+    key = "forEach" if "forEach" in node else "forEachOrNull" if "forEachOrNull" in node else None
+    if key:
+        plan.for_each = compile_path(node[key])
+        plan.guards = compile_guards(node[key])
+        plan.or_null = key == "forEachOrNull"
+        if not (plan.children or plan.union or plan.or_null):
+            plan.leaf_guards = plan.guards
+    return plan
+
+
+class ViewRows:
+    """One ViewDefinition, validated by the reference runner and compiled for speed.
+
+    `rows(resource)` gives the same rows as `fedlab.views.run_view`, as tuples in column order.
+    """
+
+    def __init__(self, view: dict[str, Any]) -> None:
+        from fedlab.views import compile_view
+
+        self.reference = compile_view(view)  # validates; raises ViewDefinitionError naming the field
+        self.columns = list(self.reference.columns)
+        self.resource_type = self.reference.resource
+        self.fallbacks = 0
+        try:
+            if view.get("where") or view.get("constant"):
+                raise _Unsupported("where/constant")
+            self.plan: _SelectPlan | None = _plan_select({"select": view["select"]})
+        except _Unsupported:
+            self.plan = None
+
+    def rows(self, resource: dict[str, Any]) -> list[tuple]:
+        if self.plan is not None and resource.get("resourceType") == self.resource_type:
+            try:
+                return self.plan.rows(resource)
+            except _Undecided:
+                self.fallbacks += 1
+        from fedlab.views.runner import rows_for_resource
+
+        return [tuple(row[c] for c in self.columns) for row in rows_for_resource(self.reference, resource)]
+
+
+def _view_patients(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "patient_id": frame["patient_id"],
+        "birth_date": _timestamps(frame["birth_date"]).dt.date,
+        "gender": frame["gender"],
+        "race": frame["race"].map(race_label, na_action=None),
+        "ethnicity": frame["ethnicity"].map(ethnicity_label, na_action=None),
+        "deceased": _timestamps(frame["deceased"]),
+    })
+
+
+def _view_encounters(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "encounter_id": frame["encounter_id"], "patient_id": frame["patient_id"],
+        "class_code": _text(frame["class_code"]), "type_code": _text(frame["type_code"]),
+        "start": _timestamps(frame["start"]), "end": _timestamps(frame["end"]),
+    })
+
+
+def _view_conditions(frame: pd.DataFrame) -> pd.DataFrame:
+    codes = _text(frame["code"])
+    concepts, flags = _condition_concepts(frame["system"], codes)
+    return pd.DataFrame({
+        "condition_id": frame["condition_id"], "patient_id": frame["patient_id"],
+        "encounter_id": frame["encounter_id"], "system": frame["system"], "code": codes,
+        "onset": _timestamps(frame["onset"]), "abatement": _timestamps(frame["abatement"]),
+        "concept": concepts, "flag": flags,
+    })
+
+
+def _view_observations(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame[["observation_id", "patient_id", "encounter_id"]].copy()
+    out["effective"] = _timestamps(frame["effective"])
+    out["loinc"] = _text(frame["loinc"])
+    out["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
+    out["unit"] = _text(frame["unit"])
+    return out
+
+
+def _view_medication_requests(frame: pd.DataFrame) -> pd.DataFrame:
+    rxnorm = _text(frame["rxnorm"])
+    return pd.DataFrame({
+        "medication_request_id": frame["medication_request_id"], "patient_id": frame["patient_id"],
+        "encounter_id": frame["encounter_id"], "authored_on": _timestamps(frame["authored_on"]),
+        "rxnorm": rxnorm, "status": frame["status"], "concept": _drug_classes(rxnorm),
+    })
+
+
+VIEW_DERIVE = {"Patient": _view_patients, "Encounter": _view_encounters, "Condition": _view_conditions,
+               "Observation": _view_observations, "MedicationRequest": _view_medication_requests}
+
+
+class ViewsEngine:
+    """Resources in, tidy (not yet harmonized) frames out, through fedlab's ViewDefinitions."""
+
+    name = "views"
+
+    def __init__(self, definitions: dict[str, dict[str, Any]] | None = None) -> None:
+        from fedlab.views import load_definitions
+
+        views = definitions or load_definitions()
+        self.views = {rtype: ViewRows(views[table]) for rtype, table in TABLE_OF_TYPE.items()}
+        self.rows: dict[str, list[tuple]] = {rtype: [] for rtype in TABLE_OF_TYPE}
+        observation = self.views["Observation"].columns
+        self._obs_id, self._obs_loinc = observation.index("observation_id"), observation.index("loinc")
+
+    def add(self, rtype: str, resource: dict[str, Any]) -> None:
+        rows = self.views[rtype].rows(resource)
+        if rtype == "Observation" and resource.get("component"):
+            # The view gives one row per component; each needs its own id in the table.
+            rows = [row[:self._obs_id] + (component_row_id(row[self._obs_id], row[self._obs_loinc], index),)
+                    + row[self._obs_id + 1:] for index, row in enumerate(rows)]
+        self.rows[rtype].extend(rows)
+
+    def frames(self) -> dict[str, pd.DataFrame | None]:
+        out: dict[str, pd.DataFrame | None] = {}
+        for rtype, rows in self.rows.items():
+            if not rows:
+                out[rtype] = None
+                continue
+            frame = pd.DataFrame.from_records(rows, columns=self.views[rtype].columns)
+            out[rtype] = VIEW_DERIVE[rtype](frame.astype("object").where(frame.notna(), None))
+        return out
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(view.fallbacks for view in self.views.values())
 
 
 # ---- unit harmonization ------------------------------------------------------------------
@@ -363,12 +909,13 @@ def _open_text(path: Path):
 
 def _ndjson_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed resource or None, parse error) for each non-blank line."""
+    loads = json.loads
     with _open_text(path) as handle:
         for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
+            if raw.isspace() or not raw:
                 continue
             try:
-                yield lineno, json.loads(raw), None
+                yield lineno, loads(raw), None
             except json.JSONDecodeError as err:
                 yield lineno, None, f"malformed JSON: {err.msg} at column {err.colno}"
 
@@ -376,7 +923,7 @@ def _ndjson_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 def _bundle_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(entry number, resource, error) for each entry of a bundle; a broken file is one bad item."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with _open_text(path) as handle:
             bundle = json.load(handle)
     except json.JSONDecodeError as err:
         yield err.lineno, None, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}"
@@ -389,21 +936,20 @@ def _bundle_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         yield number, resource, None if resource is not None else "bundle entry without resource"
 
 
-def flatten_sources(sources: list[_Source], bundles: bool = False) -> FlattenResult:
-    """Check every item, run fhiry over valid ones in chunks, derive and harmonize the tables."""
+def make_engine(engine: str) -> FhiryEngine | ViewsEngine:
+    if engine == "views":
+        return ViewsEngine()
+    if engine == "fhiry":
+        return FhiryEngine()
+    raise FlattenError(f"unknown flatten engine {engine!r} (choose one of: {', '.join(ENGINES)})")
+
+
+def flatten_sources(sources: list[_Source], bundles: bool = False, engine: str = "views") -> FlattenResult:
+    """Check every item, flatten the valid ones with `engine`, derive and harmonize the tables."""
+    flattener = make_engine(engine)
     quarantine: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
-    parts: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLE_OF_TYPE}
     seen_ids: dict[str, set[str]] = {t: set() for t in TABLE_OF_TYPE}
-    chunk: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if chunk:
-            frame = run_fhiry(chunk)
-            for rtype, sub in frame.groupby("resourceType", sort=False):
-                parts[str(rtype)].append(DERIVE[str(rtype)](sub.reset_index(drop=True)))
-            chunk.clear()
-
     for source in sources:
         stats = {"file": source.path.name, "type": source.expected_type, "lines": 0, "resources": 0,
                  "quarantined": 0, "ignored_types": 0}
@@ -423,18 +969,14 @@ def flatten_sources(sources: list[_Source], bundles: bool = False) -> FlattenRes
                 stats["ignored_types"] += 1  # counted as read; not part of the tidy tables
                 continue
             seen_ids[rtype].add(resource["id"])
-            chunk.append(resource)
-            if len(chunk) >= CHUNK_SIZE:
-                flush()
+            flattener.add(rtype, resource)
         files.append(stats)
-    flush()
 
     tables = {}
-    for rtype, table in TABLE_OF_TYPE.items():
-        columns = SCHEMAS[table].names
-        frames = [p for p in parts[rtype] if len(p)]
-        tables[table] = (pd.concat(frames, ignore_index=True) if frames
-                         else pd.DataFrame({c: pd.Series(dtype="object") for c in columns}))
+    for rtype, frame in flattener.frames().items():
+        table = TABLE_OF_TYPE[rtype]
+        tables[table] = frame if frame is not None else pd.DataFrame(
+            {c: pd.Series(dtype="object") for c in SCHEMAS[table].names})
     tables["observation"], units = harmonize_observations(tables["observation"])
     for table in tables:
         tables[table] = _conform(tables[table], SCHEMAS[table])
@@ -442,31 +984,34 @@ def flatten_sources(sources: list[_Source], bundles: bool = False) -> FlattenRes
 
 
 def _conform(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
-    """Exactly the contract's columns, in order, timestamps as UTC microseconds."""
+    """Exactly the contract's columns, in order, timestamps as UTC microseconds, nulls as None."""
     frame = frame[schema.names].copy()
     for fld in schema:
         if pa.types.is_timestamp(fld.type):
             frame[fld.name] = pd.to_datetime(frame[fld.name], utc=True).astype("datetime64[us, UTC]")
         elif pa.types.is_floating(fld.type):
             frame[fld.name] = pd.to_numeric(frame[fld.name], errors="coerce").astype("float64")
+        elif pa.types.is_string(fld.type):
+            column = frame[fld.name].astype("object")
+            frame[fld.name] = column.where(column.notna(), None)
     return frame.reset_index(drop=True)
 
 
-def flatten_ndjson(paths: list[Path], types: dict[str, str] | None = None) -> FlattenResult:
+def flatten_ndjson(paths: list[Path], types: dict[str, str] | None = None, engine: str = "views") -> FlattenResult:
     """Flatten typed NDJSON files; `types` maps a file name to its resource type (from the manifest)."""
     types = types or {}
     sources = [_Source(Path(p), types.get(Path(p).name) or _type_from_name(Path(p).name)) for p in paths]
-    return flatten_sources(sources)
+    return flatten_sources(sources, engine=engine)
 
 
-def flatten_bundles(paths: Iterable[str | Path]) -> dict[str, pd.DataFrame]:
-    """Flatten Synthea transaction bundles (`urn:uuid:` references) into the tidy tables."""
-    return flatten_bundles_result(paths).tables
+def flatten_bundles(paths: Iterable[str | Path], engine: str = "views") -> dict[str, pd.DataFrame]:
+    """Flatten FHIR bundles (Synthea transaction bundles, `urn:uuid:` references; `.json[.gz]`)."""
+    return flatten_bundles_result(paths, engine).tables
 
 
-def flatten_bundles_result(paths: Iterable[str | Path]) -> FlattenResult:
+def flatten_bundles_result(paths: Iterable[str | Path], engine: str = "views") -> FlattenResult:
     sources = [_Source(Path(p), None) for p in sorted(Path(p) for p in paths)]
-    return flatten_sources(sources, bundles=True)
+    return flatten_sources(sources, bundles=True, engine=engine)
 
 
 def _type_from_name(name: str) -> str:
@@ -526,32 +1071,43 @@ def write_tables(result: FlattenResult, out: Path, info: dict[str, Any]) -> Path
     return out
 
 
-def flatten_site(folder: Path, out: Path, site: str | None = None) -> Path:
+def flatten_site(folder: Path, out: Path, site: str | None = None, engine: str = "views") -> Path:
     if not folder.is_dir():
         raise FlattenError(f"export folder not found: {folder}" + (f" (site {site})" if site else ""))
     started = time.perf_counter()
     paths, types = export_files(folder)
-    result = flatten_ndjson(paths, types)
-    info = {"site": site, "source": str(folder), "seconds": round(time.perf_counter() - started, 3)}
+    result = flatten_ndjson(paths, types, engine)
+    info = {"site": site, "engine": engine, "source": str(folder),
+            "seconds": round(time.perf_counter() - started, 3)}
     return write_tables(result, out, info)
 
 
 def flatten(exp: Experiment, run: str | None = None, sites: list[str] | None = None, force: bool = False,
             progress: bool = True) -> dict[str, Path]:
-    """Flatten each site's export into `data/tables/<run>/<site>/`; complete folders are kept unless force."""
+    """Flatten each site's export into `data/tables/<run>/<site>/` with `exp.flatten.engine`;
+    complete folders are kept unless force."""
     site_ids = sites or exp.site_ids
     for site in site_ids:
         exp.site(site)  # unknown site -> ConfigError naming the config
+    engine = exp.flatten.engine
     outputs: dict[str, Path] = {}
     iterator: Iterable[str] = site_ids
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(site_ids, desc="flatten", unit="site")
+        iterator = tqdm(site_ids, desc=f"flatten ({engine})", unit="site")
     for site in iterator:
         out = exp.data_path("tables", run, site)
-        if is_complete(out) and not force:
+        if is_complete(out) and not force and _made_by(out, engine):
             outputs[site] = out
             continue
-        outputs[site] = flatten_site(exp.data_path("export", run, site), out, site)
+        outputs[site] = flatten_site(exp.data_path("export", run, site), out, site, engine)
     return outputs
+
+
+def _made_by(out: Path, engine: str) -> bool:
+    """Whether a complete tables folder was written by `engine` (older folders name none: fhiry)."""
+    try:
+        return read_json(out / SUCCESS).get("engine", "fhiry") == engine
+    except (OSError, ValueError):
+        return False

@@ -57,7 +57,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("generate", "01_synthea_generation.ipynb", ("seed", "sites", "generate"), ("synthea",),
           _sites_complete("synthea")),
     Stage("export", "02_bulk_export_smart.ipynb", ("export",), ("fhir",), _sites_complete("export")),
-    Stage("flatten", "03_fhiry_flattening.ipynb", ("flatten",), ("flatten.py", "harmonization"),
+    Stage("flatten", "03_fhiry_flattening.ipynb", ("flatten",), ("flatten.py", "harmonization", "views"),
           _sites_complete("tables")),
     Stage("features", "04_spark_features.ipynb", ("seed", "task"), ("features.py", "spark.py"),
           _sites_complete("features")),

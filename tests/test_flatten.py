@@ -1,4 +1,5 @@
-"""Flattening with real fhiry: typed NDJSON exports, Synthea bundles, harmonization, quarantine."""
+"""Flattening with both engines (ViewDefinitions, real fhiry): typed NDJSON exports, Synthea bundles,
+harmonization, quarantine."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from fedlab.config import experiment_from_dict
+from fedlab.config import ConfigError, experiment_from_dict, load_experiment
 from fedlab.flatten import SCHEMAS, FlattenError, flatten, flatten_bundles, flatten_ndjson
 from fedlab.io import read_json
 
@@ -20,8 +21,11 @@ LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 
 
-def _exp(tmp_path: Path):
-    return experiment_from_dict({"name": "t", "data_dir": str(tmp_path / "data"),
+ENGINES = ["views", "fhiry"]
+
+
+def _exp(tmp_path: Path, engine: str = "views"):
+    return experiment_from_dict({"name": "t", "data_dir": str(tmp_path / "data"), "flatten": {"engine": engine},
                                  "sites": [{"id": "a", "patients": 2, "seed": 1}]})
 
 
@@ -111,11 +115,12 @@ def _write_export(folder: Path, manifest: bool = True) -> dict[str, int]:
     return {name: len(resources) for name, resources in files.items()}
 
 
-@pytest.fixture()
-def flattened(tmp_path: Path):
-    exp = _exp(tmp_path)
+@pytest.fixture(params=ENGINES)
+def flattened(tmp_path: Path, request):
+    exp = _exp(tmp_path, request.param)
     lines = _write_export(exp.data_path("export", None, "a"))
     out = flatten(exp, progress=False)["a"]
+    assert read_json(out / "_SUCCESS.json")["engine"] == request.param
     return out, lines
 
 
@@ -209,7 +214,8 @@ def test_complete_folder_is_kept_unless_forced(tmp_path: Path):
     assert (out / "_SUCCESS.json").stat().st_mtime_ns != stamp
 
 
-def test_without_manifest_reads_every_ndjson_including_gzip(tmp_path: Path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_without_manifest_reads_every_ndjson_including_gzip(tmp_path: Path, engine: str):
     folder = tmp_path / "export"
     _write_export(folder, manifest=False)
     raw = (folder / "Observation.ndjson").read_bytes()
@@ -219,7 +225,7 @@ def test_without_manifest_reads_every_ndjson_including_gzip(tmp_path: Path):
 
     paths, types = export_files(folder)
     assert types == {} and "Observation.1.ndjson.gz" in [p.name for p in paths]
-    result = flatten_ndjson(paths)
+    result = flatten_ndjson(paths, engine=engine)
     assert len(result.tables["observation"]) == 7 and len(result.quarantine) == 6
 
 
@@ -228,10 +234,11 @@ def test_missing_export_folder_names_it(tmp_path: Path):
         flatten(_exp(tmp_path), progress=False)
 
 
-def test_real_synthea_bundles(reference_dir: Path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_real_synthea_bundles(reference_dir: Path, engine: str):
     paths = sorted((reference_dir / "synthea-sample").glob("*.json"))
     assert len(paths) == 2
-    tables = flatten_bundles(paths)
+    tables = flatten_bundles(paths, engine=engine)
     assert len(tables["patient"]) == 2
     obs = tables["observation"]
     for concept, unit in [("bmi", "kg/m2"), ("sbp", "mm[Hg]"), ("dbp", "mm[Hg]"), ("glucose", "mg/dL"),
@@ -249,3 +256,60 @@ def test_real_synthea_bundles(reference_dir: Path):
     assert {"obesity", "prediabetes", "hyperlipidemia"} <= set(cond["concept"].dropna())
     assert (cond.loc[cond["concept"].notna(), "flag"] == "ok").all()
     assert (cond.loc[cond["concept"].isna(), "flag"] == "unknown_code").all()
+
+
+def test_engine_is_a_config_key_and_switching_it_reflattens(tmp_path: Path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "x.yaml").write_text(f"name: x\ndata_dir: {tmp_path / 'data'}\nsites: [{{id: a, patients: 2, seed: 1}}]\n")
+    exp = load_experiment(configs / "x.yaml")
+    assert exp.flatten.engine == "views"
+    _write_export(exp.data_path("export", None, "a"))
+    out = flatten(exp, progress=False)["a"]
+    assert read_json(out / "_SUCCESS.json")["engine"] == "views"
+    views_obs = pd.read_parquet(out / "observation.parquet")
+    fhiry_exp = load_experiment(configs / "x.yaml", {"flatten.engine": "fhiry"})
+    flatten(fhiry_exp, progress=False)
+    assert read_json(out / "_SUCCESS.json")["engine"] == "fhiry"
+    fhiry_obs = pd.read_parquet(out / "observation.parquet")
+    key = ["observation_id"]
+    pd.testing.assert_frame_equal(views_obs.sort_values(key).reset_index(drop=True),
+                                  fhiry_obs.sort_values(key).reset_index(drop=True))
+    with pytest.raises(ConfigError, match="flatten.engine"):
+        load_experiment(configs / "x.yaml", {"flatten.engine": "pandas"})
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_less_common_fhir_shapes(tmp_path: Path, engine: str):
+    """Choice alternatives, a unit given only as text, a non-LOINC code, a multi-component survey."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    period = {k: v for k, v in _obs("q1", "2339-0", 90.0, "mg/dL").items() if k != "effectiveDateTime"}
+    period["effectivePeriod"] = {"start": "2021-03-04T05:06:07Z"}
+    issued = {k: v for k, v in _obs("q2", "2339-0", 95.0, "mg/dL").items() if k != "effectiveDateTime"}
+    issued["issued"] = "2021-03-05T00:00:00Z"
+    text_unit = _obs("q3", "2339-0", 5.5)
+    text_unit["valueQuantity"] = {"value": 5.5, "unit": "mmol/L"}
+    local_code = _obs("q4", "2339-0", 1.0, "mg/dL", code={"coding": [{"system": "urn:local", "code": "GLU"}]})
+    survey = _obs("q5", "44249-1", component=[
+        {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, "valueQuantity": _quantity(120.0, "mm[Hg]")},
+        {"code": {"coding": [{"system": LOINC, "code": "44250-9"}]}, "valueInteger": 2}])
+    (folder / "Observation.ndjson").write_text(_lines([period, issued, text_unit, local_code, survey]))
+    (folder / "Condition.ndjson").write_text(_lines([
+        {"resourceType": "Condition", "id": "c9", "subject": {"reference": "Patient/p1"},
+         "onsetPeriod": {"start": "2018-01-01"}, "abatementPeriod": {"start": "2018-02-01"},
+         "code": {"coding": [{"system": SNOMED, "display": "no code"}, {"system": ICD10, "code": "E11.9"}]}}]))
+    result = flatten_ndjson(sorted(folder.glob("*.ndjson")), engine=engine)
+    assert not result.quarantine
+    obs = result.tables["observation"].set_index("observation_id")
+    assert obs.loc["q1", "effective"] == pd.Timestamp("2021-03-04T05:06:07Z")
+    assert obs.loc["q2", "effective"] == pd.Timestamp("2021-03-05T00:00:00Z")
+    assert obs.loc["q3", ["unit", "flag"]].tolist() == ["mmol/L", "converted"]
+    assert obs.loc["q3", "value_canonical"] == pytest.approx(5.5 * 18.016)
+    assert obs.loc["q4", "loinc"] is None and obs.loc["q4", "flag"] == "unknown_code"  # `loinc` holds LOINC only
+    assert obs.loc["q5-8480-6", ["concept", "value_canonical"]].tolist() == ["sbp", 120.0]
+    assert obs.loc["q5-44250-9", "flag"] == "unknown_code" and pd.isna(obs.loc["q5-44250-9", "value"])
+    cond = result.tables["condition"].iloc[0]
+    assert [cond["system"], cond["code"], cond["concept"], cond["flag"]] == [ICD10, "E11.9", "t2d", "mapped"]
+    assert cond["onset"] == pd.Timestamp("2018-01-01T00:00:00Z")
+    assert cond["abatement"] == pd.Timestamp("2018-02-01T00:00:00Z")

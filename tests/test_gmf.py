@@ -346,6 +346,25 @@ def test_state_wellness_encounter_waits_for_the_schedule(tmp_path: Path) -> None
     assert [e.start for e in record.entries] == starts
 
 
+def test_first_wellness_and_advance_hook(tmp_path: Path) -> None:
+    class Ageing(SimplePerson):
+        def advance(self, time_ms: int) -> None:
+            self.attributes.setdefault("steps", []).append(time_ms)
+
+    states = chain({"type": "Encounter", "wellness": True}, obs(), {"type": "EncounterEnd",
+                                                                    "direct_transition": "S1"})
+    folder = tmp_path / "first"
+    write_module(folder, "main", states)
+    who = Ageing(birth_ms=to_millis(BIRTH))
+    joined = to_millis(START) + int(3.5 * YEAR_AVG)
+    record = run_person(load_modules(folder), who, START, to_millis(START) + int(6 * YEAR_AVG), random.Random(0),
+                        top_level=["main"], first_wellness=joined)
+    starts = [e.start for e in record.encounters]
+    assert starts and joined <= starts[0] < joined + WEEK  # none before joining, then the schedule
+    steps = who.attributes["steps"]
+    assert steps == sorted(steps) and steps[0] == to_millis(START) and set(starts) <= set(steps)
+
+
 def test_states_condition_allergy_medication_careplan_device_ends(tmp_path: Path) -> None:
     states = chain(
         {"type": "Encounter", "encounter_class": "ambulatory", "codes": [code("390906007")]},

@@ -29,10 +29,14 @@ ICD10_CONDITIONS = {"R73.03", "E11.9", "I10", "E78.5", "E66.9", "N18.1", "N18.2"
 T2D_CODES = {"44054006", "E11.9"}
 
 
+ENGINES = ("gmf", "python")
+
+
 def _experiment(root: Path, sites: list[dict[str, Any]], seed: int = 7, workers: int = 1,
-                years: int = 8):
+                years: int = 8, engine: str = "gmf", **generate_options: Any):
     return experiment_from_dict({"name": "t", "seed": seed, "sites": sites,
-                                 "generate": {"years_of_history": years, "workers": workers}}, root=root)
+                                 "generate": {"years_of_history": years, "workers": workers, "engine": engine,
+                                              **generate_options}}, root=root)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -61,11 +65,11 @@ def _patient_bundles(folder: Path) -> list[dict[str, Any]]:
             if "Information" not in p.name]
 
 
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three small sites generated once: plain SNOMED, sick SNOMED, and ICD-10 + mmol/L."""
-    root = tmp_path_factory.mktemp("synthea")
-    exp = _experiment(root, [
+@pytest.fixture(scope="module", params=ENGINES)
+def sites(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three small sites generated once per engine: plain SNOMED, sick SNOMED, and ICD-10 + mmol/L."""
+    root = tmp_path_factory.mktemp(f"synthea_{request.param}")
+    exp = _experiment(root, engine=request.param, sites=[
         {"id": "plain", "patients": 40, "seed": 11},
         {"id": "sick", "patients": 40, "seed": 12, "age_mean": 62, "bmi_shift": 4,
          "diabetes_risk": 4, "hypertension_risk": 3},
@@ -108,15 +112,17 @@ def test_bundle_file_names_follow_synthea(sites: dict[str, Path]) -> None:
         assert uuid.UUID(patient["id"]).version == 4
 
 
-def test_same_config_is_byte_identical_twice_and_with_two_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_same_config_is_byte_identical_twice_and_with_two_workers(tmp_path: Path, engine: str) -> None:
     site = [{"id": "a", "patients": 24, "seed": 3, "lab_missingness": 0.2}]
-    first = generate(_experiment(tmp_path / "one", site, workers=1), progress=False)["a"]
-    again = generate(_experiment(tmp_path / "two", site, workers=1), progress=False)["a"]
-    pooled = generate(_experiment(tmp_path / "three", site, workers=2), progress=False)["a"]
+    first = generate(_experiment(tmp_path / "one", site, workers=1, engine=engine), progress=False)["a"]
+    again = generate(_experiment(tmp_path / "two", site, workers=1, engine=engine), progress=False)["a"]
+    pooled = generate(_experiment(tmp_path / "three", site, workers=2, engine=engine), progress=False)["a"]
     reference = _tree(first)
     assert len(reference) == 24 + 2 + 1 + len(list((first / "bulk").iterdir()))
     assert _tree(again) == reference
     assert _tree(pooled) == reference
+    assert read_json(first / SUCCESS)["engine"] == engine
 
 
 def test_different_seeds_give_different_populations(tmp_path: Path) -> None:
@@ -281,9 +287,10 @@ def test_mmol_site_reports_glucose_with_loinc_15074_8(sites: dict[str, Path]) ->
     assert 55.0 < sorted(mgdl["2339-0"])[len(mgdl["2339-0"]) // 2] < 160.0
 
 
-def test_wellness_visits_always_have_vitals_and_missingness_drops_labs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_wellness_visits_always_have_vitals_and_missingness_drops_labs(tmp_path: Path, engine: str) -> None:
     exp = _experiment(tmp_path, [{"id": "full", "patients": 25, "seed": 5, "lab_missingness": 0.0},
-                                 {"id": "gappy", "patients": 25, "seed": 5, "lab_missingness": 0.6}])
+                                 {"id": "gappy", "patients": 25, "seed": 5, "lab_missingness": 0.6}], engine=engine)
     folders = generate(exp, progress=False)
 
     def per_wellness(folder: Path) -> tuple[int, Counter[str]]:
@@ -348,9 +355,11 @@ def _three_year_incidence(folder: Path) -> tuple[float, int]:
     return sum(labels) / len(labels), len(labels)
 
 
-def test_incident_t2d_rate_is_in_a_sane_band_and_follows_diabetes_risk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_incident_t2d_rate_is_in_a_sane_band_and_follows_diabetes_risk(tmp_path: Path, engine: str) -> None:
     exp = _experiment(tmp_path, [{"id": "usual", "patients": 300, "seed": 21},
-                                 {"id": "low", "patients": 150, "seed": 21, "diabetes_risk": 0.3}], years=10)
+                                 {"id": "low", "patients": 150, "seed": 21, "diabetes_risk": 0.3}], years=10,
+                      engine=engine)
     folders = generate(exp, progress=False)
     rate, cohort = _three_year_incidence(folders["usual"])
     assert cohort > 150
@@ -426,3 +435,106 @@ def test_jar_engine_without_a_jar_fails_clearly(tmp_path: Path, monkeypatch) -> 
     with pytest.raises(FedlabError, match="SYNTHEA_JAR"):
         generate(exp, progress=False)
     assert not exp.data_path("synthea", None, "a").exists()
+
+
+# ---------------------------------------------------------------- engine gmf: modules on the lifecycle physiology
+
+def test_gmf_engine_runs_synthea_reference_modules(tmp_path: Path, reference_dir: Path) -> None:
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.bundle import Bundle
+
+    exp = _experiment(tmp_path, [{"id": "ref", "patients": 12, "seed": 5, "age_mean": 62, "bmi_shift": 4,
+                                  "diabetes_risk": 3}], years=10,
+                      modules_dir=str(reference_dir / "synthea-modules"),
+                      allow_missing_submodules=["anemia/anemia_sub"])
+    folder = generate(exp, progress=False)["ref"]
+    info = read_json(folder / SUCCESS)
+    assert info["engine"] == "gmf" and info["modules"]["dir"] == str((reference_dir / "synthea-modules").resolve())
+    for bundle in _patient_bundles(folder):
+        Bundle.model_validate(bundle)
+    for path in (folder / "bulk").glob("*.ndjson"):
+        model = get_fhir_model_class(path.stem)
+        for line in path.read_text().splitlines():
+            model.model_validate(json.loads(line))
+    encounter_types = Counter(r["type"][0]["coding"][0]["code"] for r in _ndjson(folder, "Encounter"))
+    assert encounter_types["185349003"] >= 12 * 3  # Synthea's wellness schedule, in the history window
+    conditions = {r["code"]["coding"][0]["code"] for r in _ndjson(folder, "Condition")}
+    assert conditions & {"714628002", "44054006", "59621000", "162864005"}
+    # Synthea's vitals module measured the lifecycle body: BMI readings vary between people.
+    bmis = {round(r["valueQuantity"]["value"]) for r in _ndjson(folder, "Observation")
+            if r["code"]["coding"][0]["code"] == "39156-5"}
+    assert len(bmis) > 5
+
+
+def test_gmf_modules_dir_problems_fail_before_any_work(tmp_path: Path) -> None:
+    site = [{"id": "a", "patients": 3, "seed": 1}]
+    with pytest.raises(FedlabError, match="modules_dir: .*nowhere is not a folder"):
+        generate(_experiment(tmp_path, site, modules_dir="nowhere"), progress=False)
+    broken = tmp_path / "mods"
+    broken.mkdir()
+    (broken / "bad.json").write_text('{"name": "bad", "gmf_version": 2, "states": {"Initial": '
+                                     '{"type": "Initial", "direct_transition": "Missing"}}}')
+    with pytest.raises(FedlabError, match=r"bad\.json: state 'Initial'.*Missing"):
+        generate(_experiment(tmp_path, site, modules_dir=str(broken)), progress=False)
+    assert not any(exp_path.is_dir() for exp_path in (tmp_path / "data" / "synthea" / "t").glob("a*"))
+
+
+def test_gmf_folder_is_rebuilt_when_modules_or_engine_change(tmp_path: Path) -> None:
+    import shutil
+
+    from fedlab.synthea.gmf_life import BUILTIN_MODULES
+
+    modules = tmp_path / "modules"
+    shutil.copytree(BUILTIN_MODULES, modules)
+    site = [{"id": "a", "patients": 4, "seed": 1}]
+    folder = generate(_experiment(tmp_path, site, modules_dir=str(modules)), progress=False)["a"]
+    marker = folder / SUCCESS
+    stamp = marker.stat().st_mtime_ns
+    generate(_experiment(tmp_path, site, modules_dir=str(modules)), progress=False)
+    assert marker.stat().st_mtime_ns == stamp
+    checkup = json.loads((modules / "checkup.json").read_text())
+    checkup["states"]["Flu_Season"]["distributed_transition"][0]["distribution"] = 1.0
+    checkup["states"]["Flu_Season"]["distributed_transition"][1]["distribution"] = 0.0
+    (modules / "checkup.json").write_text(json.dumps(checkup))
+    generate(_experiment(tmp_path, site, modules_dir=str(modules)), progress=False)
+    assert marker.stat().st_mtime_ns != stamp
+    immunizations = len(_ndjson(folder, "Immunization"))
+    wellness = sum(r["type"][0]["coding"][0]["code"] == "185349003" for r in _ndjson(folder, "Encounter"))
+    assert immunizations == wellness > 0  # the edited module now vaccinates at every visit
+    generate(_experiment(tmp_path, site, engine="python"), progress=False)
+    assert read_json(marker)["engine"] == "python"
+
+
+def test_lifecycle_person_physiology_follows_module_attributes_and_drugs() -> None:
+    from fedlab.config import SiteConfig
+    from fedlab.synthea.engine import RandomSource, to_millis
+    from fedlab.synthea.gmf_life import LifecyclePerson
+    from fedlab.synthea.lifecycle import Rng, _Body, _demographics, _traits
+
+    site = SiteConfig(id="x", patients=1, seed=1, age_mean=55, age_sd=1)
+    rng = Rng(11)
+    demo = _demographics(rng, site, dt.date(2026, 1, 1))
+    body = _Body(rng, site, demo, _traits(rng, demo, 4))
+    now = to_millis(dt.datetime(2020, 6, 1))
+    person = LifecyclePerson(rng, site, body, to_millis(dt.datetime(2014, 1, 1)), now)
+    person.advance(now)
+    assert 0.0 < person.get_attribute("t2d_annual_risk") < 1.0
+    sbp, _ = person.blood_pressure(now)
+    person.set_attribute("hypertension", True)
+    assert person.blood_pressure(now)[0] == pytest.approx(sbp + 16.0)
+    person.activate("medication", "314076", object())  # lisinopril
+    assert person.blood_pressure(now)[0] == pytest.approx(sbp + 5.0)
+    assert person.get_attribute("hypertension_annual_risk") == 0.0
+    person.set_attribute("diabetes", True)
+    later = now + 365 * 86_400_000
+    person.advance(later)
+    untreated = person.a1c(later)
+    assert untreated >= 6.5 and person.get_attribute("t2d_annual_risk") == 0.0
+    person.activate("medication", "860975", object())  # metformin
+    assert untreated - 1.3 <= person.a1c(later) <= untreated - 0.5 or person.a1c(later) == 5.8
+    person.deactivate("medication", "860975")
+    assert person.a1c(later) == untreated
+    # One time step, one measurement: the BMI a module records is the one its conditions test.
+    source = RandomSource(__import__("random").Random(1))
+    assert person.vital_sign("BMI", later, source) == person.vital_sign("BMI", later, source)
+    assert person.get_attribute("mortality_annual_risk") > 0.0

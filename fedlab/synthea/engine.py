@@ -64,12 +64,14 @@ def _millis(moment: Moment) -> int:
 
 def run_person(modules: dict[str, Module], person: PersonState, start: Moment, end: Moment, rng: Any, *,
                top_level: list[str] | None = None, wellness: WellnessSchedule | None = None,
-               step: int = WEEK) -> GMFRecord:
+               step: int = WEEK, first_wellness: Moment | None = None) -> GMFRecord:
     """Run the top-level modules (default: those not in a sub-folder) for one person between
     `start` and `end` (dates, datetimes or epoch milliseconds) with `rng` as the only randomness
-    (`random.Random` or `numpy.random.Generator`): same seed, same record."""
+    (`random.Random` or `numpy.random.Generator`): same seed, same record. No wellness visit
+    happens before `first_wellness` (default: the schedule from birth)."""
+    first = None if first_wellness is None else _millis(first_wellness)
     return _run_person(modules, person, _millis(start), _millis(end), rng, top_level=top_level,
-                       wellness=wellness, step=step)
+                       wellness=wellness, step=step, first_wellness=first)
 
 
 # ---------------------------------------------------------------- into the lifecycle record model
@@ -137,7 +139,7 @@ class _Converter:
         if kind == "immunization" and entry.code == codes.FLU_VACCINE.code and target.immunization_id is None:
             target.immunization_id = entry.resource_id
             return True
-        if kind == "careplan" and target.careplan is None:
+        if kind == "careplan" and target.careplan is None and entry.code == codes.DIABETES_CAREPLAN.code:
             reason = self.condition(entry.reason)
             if reason is not None:
                 target.careplan = (entry.resource_id, reason)

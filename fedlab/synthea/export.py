@@ -219,8 +219,12 @@ class _PatientWriter:
         }
 
     def measurement(self, m: Measurement, enc: Encounter) -> Resource:
-        resource = self._observation(m.resource_id, m.category, _codeable(codes.LOINC, m.lab), enc)
-        resource["valueQuantity"] = _quantity(m.value, m.lab.unit)
+        lab, value = m.lab, m.value
+        if lab == codes.GLUCOSE_MGDL and self.site.glucose_unit == "mmol/L":
+            # The site's unit is an export-time choice: modules record glucose in mg/dL.
+            lab, value = codes.GLUCOSE_MMOL, value / codes.GLUCOSE_MG_PER_MMOL
+        resource = self._observation(m.resource_id, m.category, _codeable(codes.LOINC, lab), enc)
+        resource["valueQuantity"] = _quantity(value, lab.unit)
         return resource
 
     def blood_pressure(self, enc: Encounter) -> Resource:

@@ -36,9 +36,11 @@ from fedlab.synthea.export import (
     provider_bundles,
     transaction_bundle_json,
 )
+from fedlab.synthea.gmf_life import BUILTIN_MODULES, cached_modules, modules_digest, simulate_life_gmf
 from fedlab.synthea.lifecycle import Rng, exported_encounters, simulate_life
 
 GENERATOR = "fedlab.synthea/python-1"
+GMF_GENERATOR = "fedlab.synthea/gmf-1"
 PRACTITIONERS_PER_SITE = 8
 _PATIENT_STREAM, _PROVIDER_STREAM = 1, 2
 POOL_CHUNK = 8
@@ -53,6 +55,10 @@ class SiteJob:
     reference: dt.date
     years_of_history: int
     providers: Providers
+    engine: str = "python"  # or "gmf"
+    modules_dir: str | None = None  # engine gmf: the modules folder (absolute)
+    allow_missing_submodules: tuple[str, ...] = ()
+    modules_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,13 @@ def site_providers(experiment_seed: int, site: SiteConfig) -> Providers:
 def build_patient(job: SiteJob, index: int) -> PatientRecord:
     """Simulate patient `index` of a site and render its bundle and bulk lines."""
     seed = patient_seed(job.experiment_seed, job.site.seed, index)
-    life = simulate_life(seed, job.site, job.reference, job.years_of_history, PRACTITIONERS_PER_SITE)
+    if job.engine == "gmf":
+        modules = cached_modules(job.modules_dir or str(BUILTIN_MODULES), job.allow_missing_submodules,
+                                 job.modules_digest)
+        life = simulate_life_gmf(seed, job.site, job.reference, job.years_of_history, PRACTITIONERS_PER_SITE,
+                                 modules)
+    else:
+        life = simulate_life(seed, job.site, job.reference, job.years_of_history, PRACTITIONERS_PER_SITE)
     demo = life.demographics
     mother = f"{codes.GIVEN_FEMALE[seed % len(codes.GIVEN_FEMALE)]}{seed % 997} {demo.family}"
     resources = patient_resources(life, job.site, job.providers, mother)
@@ -147,15 +159,33 @@ def _records(job: SiteJob, workers: int, fhir_dir: Path) -> Iterator[PatientReco
 
 # ---- the stage
 
+def _modules_dir(exp: Experiment) -> Path:
+    """`generate.modules_dir` (relative to the project root) or fedlab's own modules."""
+    configured = exp.generate.modules_dir
+    if configured is None:
+        return BUILTIN_MODULES
+    folder = Path(configured).expanduser()
+    folder = folder if folder.is_absolute() else exp.root / folder
+    if not folder.is_dir():
+        raise FedlabError(f"generate.modules_dir: {folder} is not a folder of module JSON files")
+    return folder.resolve()
+
+
 def _fingerprint(exp: Experiment, site: SiteConfig) -> dict[str, Any]:
     """What determines the output; a complete folder with another fingerprint is rebuilt."""
-    return {
-        "generator": GENERATOR,
+    fingerprint: dict[str, Any] = {
+        "generator": GMF_GENERATOR if exp.generate.engine == "gmf" else GENERATOR,
         "seed": exp.seed,
         "site": site.model_dump(mode="json"),
         "reference_date": exp.generate.reference_date.isoformat(),
         "years_of_history": exp.generate.years_of_history,
     }
+    if exp.generate.engine == "gmf":
+        folder = _modules_dir(exp)
+        fingerprint["modules"] = {"dir": "builtin" if folder == BUILTIN_MODULES else str(folder),
+                                  "digest": modules_digest(folder),
+                                  "allow_missing_submodules": sorted(exp.generate.allow_missing_submodules)}
+    return fingerprint
 
 
 def _provider_file_suffix(exp: Experiment, site: SiteConfig) -> int:
@@ -205,8 +235,14 @@ def _write_providers(job: SiteJob, fhir_dir: Path, sink: _NdjsonSink, stamp: int
 
 def _generate_site(exp: Experiment, site: SiteConfig, folder: Path, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
+    gmf = exp.generate.engine == "gmf"
     job = SiteJob(site=site, experiment_seed=exp.seed, reference=exp.generate.reference_date,
-                  years_of_history=exp.generate.years_of_history, providers=site_providers(exp.seed, site))
+                  years_of_history=exp.generate.years_of_history, providers=site_providers(exp.seed, site),
+                  engine=exp.generate.engine, modules_dir=str(_modules_dir(exp)) if gmf else None,
+                  allow_missing_submodules=tuple(sorted(exp.generate.allow_missing_submodules)),
+                  modules_digest=modules_digest(_modules_dir(exp)) if gmf else "")
+    if gmf:  # load (and validate) the modules before any work, so a bad file fails fast and clearly
+        cached_modules(job.modules_dir, job.allow_missing_submodules, job.modules_digest)
     prevalence: Counter[str] = Counter()
     deaths = 0
     with staging_dir(folder) as staging, ExitStack() as stack:
@@ -228,7 +264,7 @@ def _generate_site(exp: Experiment, site: SiteConfig, folder: Path, progress: bo
         stack.close()  # flush and close the NDJSON files before the completion marker
         info = {
             "stage": "generate",
-            "engine": "python",
+            "engine": exp.generate.engine,
             **_fingerprint(exp, site),
             "patients": site.patients,
             "counts": dict(sorted(sink.counts.items())),

@@ -72,6 +72,11 @@ class PersonState(abc.ABC):
     def deactivate(self, kind: str, code: str) -> Any:
         """Remove and return the active entry (None if it was not active)."""
 
+    def advance(self, time_ms: int) -> None:
+        """Called by the engine before each time step it processes (times never decrease); a
+        physiology that changes with time (ageing, weight drift) catches up here. Default: nothing."""
+        return None
+
     def record_death(self, time_ms: int, cause: Any) -> None:
         if self.death_ms is None or time_ms < self.death_ms:
             self.death_ms = time_ms

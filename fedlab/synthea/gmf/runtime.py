@@ -139,19 +139,24 @@ class ModuleRun:
         person = self.sim.person
         current = self.current
         transitions = 0
-        while person.alive(time) and self._checked(self._run, current, time):
-            exited = current.exited
-            current = self._enter(self._checked(self._follow, current, time))
-            transitions += 1
-            if transitions > MAX_TRANSITIONS_PER_STEP:
-                raise GMFRuntimeError(f"{self.module.file}: state '{current.d.name}': more than "
-                                      f"{MAX_TRANSITIONS_PER_STEP} transitions in one time step (a loop without "
-                                      "Delay or Guard?)")
-            if exited is not None and exited < time:
-                # A Delay that expired between time steps: continue at the moment it expired.
-                if self._process(exited):
-                    return True
-                current = self.current
+        try:  # one handler around the loop (not per call): this is the interpreter's hot path
+            while person.alive(time) and self._run(current, time):
+                exited = current.exited
+                current = self._enter(self._follow(current, time))
+                transitions += 1
+                if transitions > MAX_TRANSITIONS_PER_STEP:
+                    raise GMFRuntimeError(f"{self.module.file}: state '{current.d.name}': more than "
+                                          f"{MAX_TRANSITIONS_PER_STEP} transitions in one time step (a loop "
+                                          "without Delay or Guard?)")
+                if exited is not None and exited < time:
+                    # A Delay that expired between time steps: continue at the moment it expired.
+                    if self._process(exited):
+                        return True
+                    current = self.current
+        except GMFRuntimeError as exc:
+            if exc.args and str(exc.args[0]).startswith(self.module.file):
+                raise
+            raise GMFRuntimeError(f"{self.module.file}: state '{current.d.name}': {exc}") from None
         return current.d.type == "Terminal"
 
     def _checked(self, step: Callable[[StateInstance, int], Any], inst: StateInstance, time: int) -> Any:
@@ -165,9 +170,10 @@ class ModuleRun:
     def _run(self, inst: StateInstance, time: int) -> bool:
         if inst.entered is None:
             inst.entered = time
-        if not HANDLERS[inst.d.type](self, inst, time):
+        kind = inst.d.type
+        if not HANDLERS[kind](self, inst, time):
             return False
-        inst.exited = inst.next if inst.d.type == "Delay" else time
+        inst.exited = inst.next if kind == "Delay" else time
         return True
 
     def _enter(self, name: str) -> StateInstance:
@@ -619,13 +625,16 @@ def top_level_keys(modules: dict[str, Module]) -> list[str]:
 
 def run_person(modules: dict[str, Module], person: PersonState, start: int, end: int, rng: Any, *,
                top_level: Iterable[str] | None = None, wellness: WellnessSchedule | None = None,
-               step: int = WEEK, last_wellness: int | None = None) -> GMFRecord:
+               step: int = WEEK, last_wellness: int | None = None,
+               first_wellness: int | None = None) -> GMFRecord:
     """Run the modules for one person from `start` to `end` (milliseconds) and return the record.
 
     `rng` (random.Random or numpy.random.Generator) is the only source of randomness, so the
     same seed gives the same record. Steps are weekly; a module that can only change at a known
     time (a running Delay, a wait for the next wellness visit, a Terminal) is not polled in
-    between, which gives exactly the result of polling it every week."""
+    between, which gives exactly the result of polling it every week. `first_wellness`: no
+    wellness visit before this time (e.g. when the person joins the practice); the first one is
+    at the first step at or after it. `person.advance(time)` is called before every step."""
     source = RandomSource(rng)
     sim = Simulation(modules, person, source)
     keys = list(top_level) if top_level is not None else top_level_keys(modules)
@@ -635,10 +644,14 @@ def run_person(modules: dict[str, Module], person: PersonState, start: int, end:
     runs = [ModuleRun(modules[k], sim) for k in keys]
     schedule = wellness or WellnessSchedule()
     last_visit = person.birth_ms if last_wellness is None else last_wellness
-    next_visit = _next_visit(schedule, person.birth_ms, last_visit, start, step)
+    if first_wellness is not None and first_wellness > start:
+        next_visit = start + -(-(first_wellness - start) // step) * step
+    else:
+        next_visit = _next_visit(schedule, person.birth_ms, last_visit, start, step)
     wakes = [run.wake() for run in runs]
     time = start
     while time < end and person.alive(time):
+        person.advance(time)
         visit = time >= next_visit
         if visit:
             sim.open_wellness(time)

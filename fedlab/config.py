@@ -78,9 +78,10 @@ class ExportConfig(_Strict):
     host: str = "127.0.0.1"
     scope: str = "system/*.rs"
     deidentify: bool = False
-    # Safe Harbor keeps only years ("year"); "shift" moves each patient's dates by a keyed offset
-    # (intervals kept, which time-windowed features need; not strictly Safe Harbor).
-    deid_date_mode: Literal["year", "shift"] = "shift"
+    # Safe Harbor keeps only years ("year", the default). "shift" moves each patient's dates by a
+    # keyed offset so intervals survive, which the time-windowed features need; that is not strict
+    # Safe Harbor (it is the usual "limited data set / expert determination" compromise).
+    deid_date_mode: Literal["year", "shift"] = "year"
 
 
 class FlattenConfig(_Strict):

@@ -32,7 +32,7 @@ def test_command_line_carries_seeds_date_population_and_location(tmp_path: Path)
     exp = _exp(tmp_path)
     cmd = synthea_command(exp, exp.sites[0], Path("/opt/synthea.jar"), tmp_path / "out")
     assert cmd[:3] == ["java", "-jar", "/opt/synthea.jar"]
-    pairs = dict(zip(cmd[3:11:2], cmd[4:12:2]))
+    pairs = dict(zip(cmd[3:11:2], cmd[4:12:2], strict=True))
     assert pairs == {"-s": "9", "-cs": "14", "-r": "20250630", "-p": "25"}
     assert cmd[cmd.index("-a") + 1] == "30-70"
     assert f"--exporter.baseDirectory={tmp_path / 'out'}" in cmd

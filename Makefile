@@ -40,6 +40,9 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/fedlab reproduce --config $(CONFIG)
+	@report=$$($(PY) -c "from fedlab.config import load_experiment as l; print(l('$(CONFIG)').report_path())"); \
+	  echo; sed -n '/^## AUROC/,/^## Federated/p' "$$report/results.md" | sed '$$d'; \
+	  echo "Full report: $$report/results.md  (and report.html, figures/, notebooks/)"
 
 bench: setup
 	@mkdir -p reports/bench

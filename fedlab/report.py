@@ -190,14 +190,20 @@ def _communication_section(results: dict[str, Any]) -> list[str]:
                       f"{quant.get('bytes_up_per_client_per_round_quantized')}."]
     crossover = comm.get("crossover_patients") or {}
     for alternative, by_method in sorted(crossover.items()):
-        cells = ", ".join(f"{m}: {_round(v)}" for m, v in sorted(by_method.items()))
-        lines.append(f"\nFederated becomes cheaper than centralizing `{alternative}` above about {cells} patients "
-                     "(centralized bytes scale with patients, federated bytes do not).")
+        cells = ", ".join(f"{m}: {_crossover(v)}" for m, v in sorted(by_method.items()))
+        lines.append(f"\nPopulation above which federated training moves fewer bytes than centralizing "
+                     f"`{alternative}` ({cells}); centralized bytes scale with patients, federated bytes do not.")
     return lines
 
 
 def _epsilon(value: float | None) -> str:
     return "∞ (no noise)" if value is None else f"{value:.2f}"
+
+
+def _crossover(value: Any) -> str:
+    if value is None:
+        return "never"
+    return "any size" if float(value) < 1 else f"{float(value):,.0f} patients"
 
 
 def _round(value: Any) -> str:

@@ -101,7 +101,7 @@ def test_privacy_communication_curves_are_rendered(tmp_path: Path) -> None:
     md = write_report(exp).read_text()
     assert "| fedavg | 1.0 | 1.0 | 4 | 1e-05 | 10.70 |" in md
     assert "only 2 sites" in md and "∞ (no noise)" in md and "sums updates in the clear" in md
-    assert "above about fedavg: 12 patients" in md
+    assert "centralizing `parquet_features` (fedavg: 12 patients)" in md
     assert "75.0% less" in md
     figures = {p.name for p in (exp.report_path() / "figures").iterdir()}
     assert {"bytes_to_auroc.png", "auroc_vs_epsilon.png"} <= figures

@@ -278,13 +278,64 @@ def test_client_gives_up_on_persistent_failure(bulk_dir: Path, registry: ClientR
             client.export(tmp_path)
 
 
-def test_truncated_download_raises_and_leaves_no_file(bulk_dir: Path, registry: ClientRegistry, key: ClientKey,
-                                                      tmp_path: Path) -> None:
-    with SiteServer(bulk_dir, registry) as server, client_for(server, key) as client:
-        server.faults.add("download", Fault(200, truncate_lines=1))
-        with pytest.raises(BulkDataError, match=r"1 lines for Patient.ndjson .*count=3"):
+def test_truncated_download_every_time_raises_and_leaves_no_file(bulk_dir: Path, registry: ClientRegistry,
+                                                                 key: ClientKey, tmp_path: Path) -> None:
+    with SiteServer(bulk_dir, registry) as server, client_for(server, key, max_attempts=3) as client:
+        server.faults.add("download", Fault(200, truncate_lines=1), times=3)
+        with pytest.raises(BulkDataError, match=r"1 lines for Patient.ndjson .*count=3.*gave up after 3"):
             client.export(tmp_path / "out", types=["Patient"])
     assert list((tmp_path / "out").iterdir()) == []
+
+
+ABSURD_RETRY_AFTER = "86400000"  # 1,000 days: the client must cap it, not sleep
+FAULT_SCHEDULES: dict[str, list[tuple[str, Fault, int]]] = {
+    "5xx bursts": [("token", Fault(503), 2), ("kickoff", Fault(502), 3), ("status", Fault(500), 3),
+                   ("download", Fault(503), 3)],
+    "429 delta-seconds": [("kickoff", Fault(429, retry_after="1"), 2), ("status", Fault(429, retry_after="1"), 2)],
+    "429 HTTP-date": [("kickoff", Fault(429, retry_after="HTTPDATE"), 1),
+                      ("status", Fault(429, retry_after="HTTPDATE"), 2)],
+    "429 absurd Retry-After": [("kickoff", Fault(429, retry_after=ABSURD_RETRY_AFTER), 1),
+                               ("status", Fault(429, retry_after=ABSURD_RETRY_AFTER), 2),
+                               ("download", Fault(429, retry_after=ABSURD_RETRY_AFTER), 1)],
+    "transient OperationOutcome": [("status", Fault(500, transient=True), 2)],
+    "connection reset mid-download": [("download", Fault(200, reset_after_lines=1), 2)],
+    "truncated file": [("download", Fault(200, truncate_lines=1), 2)],
+    "token expiry mid-export": [],
+    "everything at once": [("token", Fault(503), 1), ("kickoff", Fault(429, retry_after="1"), 1),
+                           ("status", Fault(500, transient=True), 1),
+                           ("download", Fault(200, reset_after_lines=2), 1),
+                           ("download", Fault(200, truncate_lines=1), 1)],
+}
+
+
+@pytest.mark.parametrize("schedule", list(FAULT_SCHEDULES), ids=list(FAULT_SCHEDULES))
+def test_fault_matrix_completes_with_manifest_counts_and_no_partial_files(
+        schedule: str, bulk_dir: Path, registry: ClientRegistry, key: ClientKey, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with SiteServer(bulk_dir, registry, job_delay_s=0.1) as server, client_for(server, key) as client:
+        for kind, fault, times in FAULT_SCHEDULES[schedule]:
+            if fault.retry_after == "HTTPDATE":
+                fault = Fault(fault.status, retry_after=email.utils.formatdate(time.time() + 1, usegmt=True))
+            server.faults.add(kind, fault, times)
+        if schedule == "token expiry mid-export":
+            status_url = client.kickoff(types=["Patient", "Condition"])
+            server.issuer.revoke_all()  # every token issued so far is now invalid, as if expired
+            manifest = client.wait(status_url)
+            server.issuer.revoke_all()
+            files = client.download(manifest, out)
+            client.delete(status_url)
+        else:
+            result = client.export(out, types=["Patient", "Condition"])
+            manifest, files = result.manifest, result.files
+        injected = sum(times for _, _, times in FAULT_SCHEDULES[schedule])
+        assert sum(server.faults.served.values()) == injected, "every injected fault was met"
+        if "reset" in schedule:
+            assert any("connection broken mid-download" in e for e in client.events), client.events
+    counts = {e["type"]: e["count"] for e in manifest["output"]}
+    assert {f.type: f.lines for f in files} == counts == {"Patient": 3, "Condition": 2}
+    assert sorted(p.name for p in out.iterdir()) == ["Condition.ndjson", "Patient.ndjson"]
+    for f in files:
+        assert len((out / f.name).read_text().splitlines()) == counts[f.type]
 
 
 def test_rerun_skips_complete_files(site: SiteServer, key: ClientKey, tmp_path: Path) -> None:

@@ -302,15 +302,24 @@ class BulkDataClient:
             bar.update(int(count))
             return DownloadedFile(final.name, entry["type"], url, int(count), int(count), final.stat().st_size, True)
         tmp = final.with_name(f".{final.name}.part")
+        problem = ""
         try:
-            lines, size = self._stream_to(url, tmp, manifest, bar, on_first_byte)
-            if count is not None and lines != int(count):
-                raise BulkDataError(f"{url}: downloaded {lines} lines for {final.name} but the manifest "
-                                    f"says count={count}; file discarded")
-            os.replace(tmp, final)
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    lines, size = self._stream_to(url, tmp, manifest, bar, on_first_byte)
+                except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as err:
+                    problem = f"connection broken mid-download ({type(err).__name__})"
+                else:
+                    if count is None or lines == int(count):
+                        os.replace(tmp, final)
+                        return DownloadedFile(final.name, entry["type"], url, None if count is None else int(count),
+                                              lines, size)
+                    problem = f"downloaded {lines} lines for {final.name} but the manifest says count={count}"
+                self.events.append(f"download retry {attempt}: {url}: {problem}")
+                self._sleep(self.min_wait_s * attempt)
         finally:
             tmp.unlink(missing_ok=True)
-        return DownloadedFile(final.name, entry["type"], url, None if count is None else int(count), lines, size)
+        raise BulkDataError(f"{url}: {problem}; gave up after {self.max_attempts} attempts, file discarded")
 
     def _stream_to(self, url: str, tmp: Path, manifest: dict[str, Any], bar: Any,
                    on_first_byte: Callable[[], None] | None) -> tuple[int, int]:

@@ -130,6 +130,7 @@ class Fault:
     retry_after: str | None = None
     transient: bool = True
     truncate_lines: int | None = None
+    reset_after_lines: int | None = None  # download: send this many lines, then drop the connection
 
 
 class FaultInjector:
@@ -844,7 +845,7 @@ def _add_routes(app: Flask, state: SiteState) -> None:
     @app.get("/files/<job_id>/<name>")
     def download(job_id: str, name: str) -> Response:
         fault = state.faults.take("download")
-        if fault is not None and fault.truncate_lines is None:
+        if fault is not None and fault.truncate_lines is None and fault.reset_after_lines is None:
             return _fault_response(fault)
         grant = _authorize(state)
         job = _owned_job(state, job_id, grant)
@@ -856,6 +857,10 @@ def _add_routes(app: Flask, state: SiteState) -> None:
         state.audit.record("download", client_id=grant.client_id, job_id=job.id, file=name, type=entry["type"],
                            count=entry.get("count"), scopes=grant.scope_text)
         mimetype = NDJSON if job.fhir_version == R4_VERSION else f"{NDJSON}; fhirVersion={job.fhir_version[:3]}"
+        if fault is not None and fault.reset_after_lines is not None:
+            # announce the whole file, send part of it, then abort: the client sees a broken connection
+            return Response(_lines_then_reset(path, fault.reset_after_lines), mimetype=mimetype,
+                            headers={"Content-Length": str(path.stat().st_size)})
         if fault is not None:
             return Response(_first_lines(path, fault.truncate_lines or 0), mimetype=mimetype)
         return send_file(path, mimetype=mimetype, conditional=False, max_age=0)
@@ -924,6 +929,11 @@ def _create_subscription(state: SiteState) -> Response:
                        heartbeat_s=sub.heartbeat_s, scopes=grant.scope_text)
     location = f"{state.base_url}/Subscription/{sub.id}"
     return _fhir_json({**sub.resource, "status": sub.status}, 201, {"Location": location})
+
+
+def _lines_then_reset(path: Path, limit: int) -> Iterator[bytes]:
+    yield from _first_lines(path, limit)
+    raise ConnectionResetError("injected fault: connection reset mid-download")
 
 
 def _first_lines(path: Path, limit: int) -> Iterator[bytes]:

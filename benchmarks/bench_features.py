@@ -161,7 +161,7 @@ def main() -> None:
         "name": "features",
         "value": round(seconds, 2),
         "unit": "s",
-        "goal": f"< 120 s for {args.sites} sites x {args.patients} patients on 2 cores, session already up",
+        "goal": f"< 60 s for {args.sites} sites x {args.patients} patients on 2 cores, session already up",
         "sites": args.sites,
         "patients_per_site": args.patients,
         "input_rows": rows_in,

@@ -100,6 +100,18 @@ def cmd_doctor(args: argparse.Namespace) -> Any:
     return "all checks passed"
 
 
+def cmd_compare(args: argparse.Namespace) -> Any:
+    from fedlab.compare import compare, comparison_markdown
+
+    result = compare(args.run_dir, args.reference_dir)
+    if args.json:
+        return json.dumps(result, indent=2, default=str)
+    if args.strict and result["verdicts"].get("differs"):
+        print(comparison_markdown(result))
+        raise FedlabError(f"{result['verdicts']['differs']} numbers differ from the reference beyond their CIs")
+    return comparison_markdown(result)
+
+
 def cmd_views(args: argparse.Namespace) -> Any:
     from fedlab.views.suite import run_suite
 
@@ -120,6 +132,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
     "train": (cmd_train, "train federated and baseline models with TensorFlow Federated"),
     "report": (cmd_report, "write results.md, figures and manifest.json"),
     "reproduce": (cmd_reproduce, "run every notebook in order with papermill"),
+    "compare": (cmd_compare, "say which numbers of a run agree with a reference run within their CIs"),
     "views": (cmd_views, "SQL-on-FHIR v2 ViewDefinitions: `fedlab views test DIR` runs a test-suite folder"),
     "doctor": (cmd_doctor, "check Python, Java, Spark, TFF and the Jupyter kernel"),
 }
@@ -132,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         if verb == "doctor":
+            continue
+        if verb == "compare":
+            p.add_argument("run_dir", type=Path, help="a run's report folder, e.g. reports/paper")
+            p.add_argument("reference_dir", type=Path, help="e.g. reports/reference")
+            p.add_argument("--json", action="store_true", help="print every comparison as JSON")
+            p.add_argument("--strict", action="store_true", help="exit non-zero when a number differs")
             continue
         if verb == "views":
             views = p.add_subparsers(dest="action", required=True, metavar="ACTION")

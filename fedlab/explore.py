@@ -70,6 +70,23 @@ def site_condition_codes(exp: Experiment, run: str) -> pd.DataFrame:
     return frame.value_counts().rename("n").reset_index()
 
 
+def site_condition_prevalence(exp: Experiment, run: str) -> pd.DataFrame:
+    """Share of each site's patients ever diagnosed with each condition code (as the site codes it)."""
+    rows = []
+    for site in exp.site_ids:
+        folder = exp.data_path("synthea", run, site) / "bulk"
+        n_patients = sum(1 for _ in iter_ndjson(folder / "Patient.ndjson"))
+        seen: set[tuple[str, str, str]] = set()
+        for cond in iter_ndjson(folder / "Condition.ndjson"):
+            coding = (cond.get("code", {}).get("coding") or [{}])[0]
+            patient = cond.get("subject", {}).get("reference", "")
+            seen.add((patient, coding.get("code", ""), coding.get("display", "")))
+        counts = pd.Series([(code, display) for _, code, display in seen]).value_counts()
+        for (code, display), n in counts.items():
+            rows.append({"site": site, "code": code, "display": display, "prevalence": n / max(n_patients, 1)})
+    return pd.DataFrame(rows)
+
+
 def read_tables(exp: Experiment, run: str, table: str) -> pd.DataFrame:
     frames = []
     for site in exp.site_ids:

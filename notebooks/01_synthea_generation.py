@@ -30,7 +30,7 @@ overrides = ""
 # %%
 import matplotlib.pyplot as plt
 
-from fedlab.explore import site_condition_codes, site_observations, site_patients
+from fedlab.explore import site_condition_codes, site_condition_prevalence, site_observations, site_patients
 from fedlab.pipeline import load_for_notebook
 from fedlab.synthea import generate
 
@@ -52,6 +52,28 @@ for ax, site in zip(axes, exp.site_ids):
     ax.set_title(f"{site} (n={len(sub)})")
     ax.set_xlabel("age")
 axes[0].legend()
+plt.tight_layout()
+
+# %% [markdown]
+# ## Disease prevalence differs by site (ever diagnosed, as each site codes it)
+
+# %%
+prevalence = site_condition_prevalence(exp, run)
+top = prevalence.groupby("display").prevalence.max().nlargest(8).index
+table = prevalence[prevalence.display.isin(top)].pivot_table(index="display", columns="site", values="prevalence")
+table.plot.barh(figsize=(8, 4), title="share of patients ever diagnosed")
+table.round(3)
+
+# %% [markdown]
+# ## BMI and HbA1c by site
+
+# %%
+labs = site_observations(exp, run, {"39156-5", "4548-4"})
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+for ax, (loinc, name) in zip(axes, (("39156-5", "BMI (kg/m2)"), ("4548-4", "HbA1c (%)"))):
+    sub = labs[labs.loinc == loinc]
+    ax.boxplot([sub[sub.site == s].value for s in exp.site_ids], tick_labels=exp.site_ids, showfliers=False)
+    ax.set_title(name)
 plt.tight_layout()
 
 # %% [markdown]

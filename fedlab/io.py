@@ -57,6 +57,8 @@ def staging_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a folder under a temporary name and swap it into place only when complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed (SIGKILL, power loss)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp

@@ -31,3 +31,13 @@ def test_staging_dir_swaps_in_only_when_complete(tmp_path: Path) -> None:
         mark_complete(tmp, {"n": 1})
     assert is_complete(final)
     assert (final / "x.json").is_file()
+
+
+def test_staging_dir_removes_what_a_killed_run_left(tmp_path: Path) -> None:
+    final = tmp_path / "site"
+    stale = tmp_path / ".site.abc123.partial"
+    (stale / "bulk").mkdir(parents=True)
+    (stale / "bulk" / "Patient.ndjson").write_text("{}\n")
+    with staging_dir(final) as tmp:
+        mark_complete(tmp, {"n": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -69,18 +70,27 @@ def test_failing_notebook_is_named_with_its_cell(tmp_path: Path, smoke_experimen
         reproduce(smoke_experiment.source, notebooks=["01"], notebooks_dir=folder)
 
 
-def _orphan_workers(since: float) -> list[psutil.Process]:
+MARKER = "FEDLAB_TEST_RUN"
+
+
+def _orphan_workers(marker: str) -> list[psutil.Process]:
+    """Live worker_binary processes started by this test's kernels (they inherit its marker)."""
     found = []
-    for proc in psutil.process_iter(["name", "create_time", "ppid"]):
-        if "worker_binary" in (proc.info["name"] or "") and proc.info["create_time"] >= since \
-                and proc.info["ppid"] != psutil.Process().pid:
-            found.append(proc)
+    for proc in psutil.process_iter(["name", "status"]):
+        if "worker_binary" not in (proc.info["name"] or "") or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if proc.environ().get(MARKER) == marker:
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
     return found
 
 
 @pytest.mark.slow
-def test_reproduce_smoke_end_to_end(smoke_experiment) -> None:
-    started = time.time()
+def test_reproduce_smoke_end_to_end(smoke_experiment, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    monkeypatch.setenv(MARKER, marker)  # inherited by every kernel and TFF worker this test starts
     exp = smoke_experiment
     report = reproduce(exp.source)
     results = read_json(report / "results.json")
@@ -118,7 +128,7 @@ def test_reproduce_smoke_end_to_end(smoke_experiment) -> None:
     assert steps == {"generate": "skip", "export": "skip", "flatten": "skip", "features": "resume",
                      "train": "skip", "report": "skip"}
     time.sleep(1)
-    leftovers = _orphan_workers(started)
+    leftovers = _orphan_workers(marker)
     for proc in leftovers:
         proc.kill()
     assert not leftovers, "a TFF worker_binary outlived its notebook kernel"

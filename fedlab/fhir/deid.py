@@ -119,10 +119,14 @@ def generalize_zip(postal_code: str) -> str:
     return digits
 
 
-def _patient_id_of(resource: dict[str, Any]) -> str | None:
+PATIENT_LINKS = ("subject", "patient", "beneficiary")
+
+
+def patient_id_of(resource: dict[str, Any]) -> str | None:
+    """The id of the patient a resource belongs to (`Patient/<id>` or `urn:uuid:<id>` references)."""
     if resource.get("resourceType") == "Patient":
         return resource.get("id")
-    for link in ("subject", "patient", "beneficiary"):
+    for link in PATIENT_LINKS:
         value = resource.get(link)
         reference = value.get("reference") if isinstance(value, dict) else None
         if isinstance(reference, str):
@@ -138,7 +142,7 @@ class _Deidentifier:
     def __init__(self, policy: DeidPolicy, resource: dict[str, Any]) -> None:
         self.policy = policy
         self.resource_type = str(resource.get("resourceType", ""))
-        self.offset = dt.timedelta(days=policy.shift_days(_patient_id_of(resource)))
+        self.offset = dt.timedelta(days=policy.shift_days(patient_id_of(resource)))
 
     # -- values
     def date(self, text: str) -> str:

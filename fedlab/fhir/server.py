@@ -38,7 +38,7 @@ import waitress
 from flask import Flask, Response, jsonify, request, send_file
 from waitress import wasyncore
 
-from fedlab.fhir.deid import DeidPolicy, deidentify_resource
+from fedlab.fhir.deid import DeidPolicy, deidentify_resource, patient_id_of
 from fedlab.fhir.r5 import R4_VERSION, R5_VERSION, R5MappingError, to_r5, wants_r5
 from fedlab.fhir.r5 import supports as r5_supports
 from fedlab.fhir.smart import (
@@ -62,7 +62,6 @@ OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
 KICKOFF_PARAMETERS = ("_type", "_since", "_outputFormat", "_typeFilter", "_elements", "patient")
 VERSION_PARAMETERS = ("_fhirVersion", "fhirVersion")
 MANDATORY_ELEMENTS = ("resourceType", "id", "meta")
-PATIENT_LINKS = ("subject", "patient", "beneficiary")
 GROUP_ALL = "all"
 _PATIENT_REFERENCE = re.compile(r'"(?:Patient/|urn:uuid:)([^"]+)"')
 BULK_BASE = "http://hl7.org/fhir/uv/bulkdata"
@@ -330,19 +329,6 @@ def generation_time(bulk_dir: Path) -> dt.datetime:
     return dt.datetime.fromtimestamp(newest, dt.UTC)
 
 
-def _patient_of(resource: dict[str, Any]) -> str | None:
-    if resource.get("resourceType") == "Patient":
-        return resource.get("id")
-    for link in PATIENT_LINKS:
-        value = resource.get(link)
-        reference = value.get("reference") if isinstance(value, dict) else None
-        if isinstance(reference, str):
-            for prefix in ("Patient/", "urn:uuid:"):
-                if reference.startswith(prefix):
-                    return reference[len(prefix):]
-    return None
-
-
 class _Selector:
     """Decides which resources of one type a job exports, and trims them to `_elements`."""
 
@@ -372,7 +358,7 @@ class _Selector:
     def keep(self, resource: dict[str, Any], where: str) -> bool:
         export = self.export
         if export.level != "system":
-            patient = _patient_of(resource)
+            patient = patient_id_of(resource)
             if patient is None or (export.patients is not None and patient not in export.patients):
                 return False
         if export.since is not None and self._last_updated(resource, where) <= export.since:

@@ -87,6 +87,9 @@ class ExportConfig(_Strict):
 class FlattenConfig(_Strict):
     # views: fedlab's SQL-on-FHIR ViewDefinitions (fast, R4 and R5); fhiry: fhiry's DataFrame path.
     engine: Literal["views", "fhiry"] = "views"
+    # Where the views engine runs: "pandas" in this process, or "spark" on the session from `spark:`
+    # (so a cluster can flatten what one machine cannot). The fhiry engine always runs in pandas.
+    runner: Literal["pandas", "spark"] = "pandas"
 
 
 class TaskConfig(_Strict):
@@ -98,6 +101,10 @@ class TaskConfig(_Strict):
     lookback_years: float = Field(3.0, gt=0, le=50)
     horizon_years: float = Field(3.0, gt=0, le=50)
     min_followup_years: float = Field(0.0, ge=0)
+    # What the features stage does when one site cannot be built (missing column, empty cohort,
+    # single-class label): "raise" stops the run; "skip" records the reason for that site and lets
+    # the other sites proceed (training then uses the sites that have features).
+    on_site_error: Literal["raise", "skip"] = "raise"
 
 
 class SparkConfig(_Strict):

@@ -36,3 +36,11 @@ def smoke_experiment(tmp_path: Path):
     configs.mkdir()
     shutil.copy(ROOT / "configs" / "smoke.yaml", configs / "smoke.yaml")
     return load_experiment(configs / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def tff():
+    """TFF with fedlab's seeds, op determinism and exit hook; seeded again for every test module."""
+    from fedlab.tffctx import init_tff
+
+    return init_tff(0)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import linear_split, smoke_experiment_in
 
-from fedlab.config import TrainConfig, load_experiment
+from fedlab.config import TrainConfig
 from fedlab.federated import data, evaluate, toydata
 from fedlab.federated.data import FeatureDataError, SiteSplit
 from fedlab.federated.fedavg import build_process, train_federated
@@ -22,23 +23,9 @@ N_FEATURES = 3
 
 
 @pytest.fixture(scope="module")
-def tff():
-    from fedlab.tffctx import init_tff
-
-    return init_tff(0)
-
-
-def _split(site: str, n_rows: int, seed: int) -> SiteSplit:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n_rows, N_FEATURES)).astype(np.float32)
-    y = (x[:, 0] - x[:, 1] + rng.normal(scale=0.3, size=n_rows) > 0).astype(np.float32)
-    return SiteSplit(site, x, y, x[:0], y[:0], np.array([], dtype=str), True)
-
-
-@pytest.fixture(scope="module")
 def clients() -> list[SiteSplit]:
     # "tiny" has fewer rows than one batch, so FedAvg's example weights are not uniform.
-    return [_split("big", 40, 1), _split("mid", 25, 2), _split("tiny", 5, 3)]
+    return [linear_split("big", 40, 1), linear_split("mid", 25, 2), linear_split("tiny", 5, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -230,15 +217,8 @@ def test_score_skips_rank_metrics_for_a_single_class() -> None:
 # ---------------------------------------------------------------- input checks (no TFF needed)
 
 
-def _experiment(tmp_path: Path, overrides: dict | None = None):
-    configs = tmp_path / "configs"
-    configs.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "configs" / "smoke.yaml", configs / "smoke.yaml")
-    return load_experiment(configs / "smoke.yaml", overrides)
-
-
 def test_sites_with_different_feature_columns_are_rejected(tmp_path: Path) -> None:
-    exp = _experiment(tmp_path)
+    exp = smoke_experiment_in(tmp_path)
     frames = toydata.fabricate(exp, sizes={s: 30 for s in exp.site_ids})
     toydata.write_site(
         exp.data_path("features", None, "rural"), frames["rural"].drop(columns=["f2"]).assign(bmi=1.0)
@@ -250,7 +230,7 @@ def test_sites_with_different_feature_columns_are_rejected(tmp_path: Path) -> No
 
 
 def test_bad_labels_missing_tables_and_dictionary_mismatch_are_named(tmp_path: Path) -> None:
-    exp = _experiment(tmp_path)
+    exp = smoke_experiment_in(tmp_path)
     frames = toydata.fabricate(exp, sizes={s: 30 for s in exp.site_ids})
     folder = exp.data_path("features", None, "general")
     toydata.write_site(folder, frames["general"].assign(label=frames["general"]["label"].replace(1, 2)))
@@ -276,7 +256,7 @@ def trained_run(tmp_path_factory, tff):
     from fedlab.federated import train
 
     tmp_path = tmp_path_factory.mktemp("train")
-    exp = _experiment(
+    exp = smoke_experiment_in(
         tmp_path,
         {
             "train.rounds": 3,

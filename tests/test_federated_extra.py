@@ -3,14 +3,14 @@ client sampling, communication curves and crossover, interactive training."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import linear_split, smoke_experiment_in
 
-from fedlab.config import TrainConfig, load_experiment
+from fedlab.config import TrainConfig
 from fedlab.federated import comms, cyclic, data, privacy, quantize, toydata, tuning
 from fedlab.federated.data import SiteSplit
 from fedlab.federated.fedavg import Aggregation, build_process, client_schedule, train_federated
@@ -24,29 +24,8 @@ N_FEATURES = 3
 
 
 @pytest.fixture(scope="module")
-def tff():
-    from fedlab.tffctx import init_tff
-
-    return init_tff(0)
-
-
-def _split(site: str, n_rows: int, seed: int) -> SiteSplit:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n_rows, N_FEATURES)).astype(np.float32)
-    y = (x[:, 0] - x[:, 1] + rng.normal(scale=0.3, size=n_rows) > 0).astype(np.float32)
-    return SiteSplit(site, x, y, x[:0], y[:0], np.array([], dtype=str), True)
-
-
-@pytest.fixture(scope="module")
 def clients() -> list[SiteSplit]:
-    return [_split("a", 40, 1), _split("b", 30, 2), _split("c", 24, 3)]
-
-
-def _experiment(tmp_path: Path, overrides: dict | None = None):
-    configs = tmp_path / "configs"
-    configs.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "configs" / "smoke.yaml", configs / "smoke.yaml")
-    return load_experiment(configs / "smoke.yaml", overrides)
+    return [linear_split("a", 40, 1), linear_split("b", 30, 2), linear_split("c", 24, 3)]
 
 
 # ---------------------------------------------------------------- Cyclic
@@ -192,7 +171,7 @@ def _site_splits(exp, n_rows: dict[str, int]) -> list[SiteSplit]:
 
 
 def test_lr_tuning_ignores_test_labels(tmp_path: Path, tff) -> None:
-    exp = _experiment(
+    exp = smoke_experiment_in(
         tmp_path,
         {"train.rounds": 2, "train.local_steps": 3, "train.lr_grid": [0.01, 1.0], "train.val_fraction": 0.3},
     )
@@ -215,7 +194,7 @@ def test_lr_tuning_ignores_test_labels(tmp_path: Path, tff) -> None:
 def test_scaffold_is_rejected_by_name(tmp_path: Path) -> None:
     from fedlab.federated import train
 
-    exp = _experiment(tmp_path, {"train.methods": ["fedavg", "scaffold"]})
+    exp = smoke_experiment_in(tmp_path, {"train.methods": ["fedavg", "scaffold"]})
     with pytest.raises(ValueError, match="SCAFFOLD .*'scaffold'"):
         train(exp, progress=False)
 
@@ -228,7 +207,7 @@ def extra_run(tmp_path_factory, tff):
     from fedlab.federated import train
 
     tmp_path = tmp_path_factory.mktemp("extra")
-    exp = _experiment(
+    exp = smoke_experiment_in(
         tmp_path,
         {
             "train.rounds": 3,
@@ -313,7 +292,7 @@ def test_per_round_auroc_matches_the_keras_model(clients) -> None:
 def test_train_interactive_reports_every_round(tmp_path: Path, tff) -> None:
     from fedlab.federated.interactive import train_interactive
 
-    exp = _experiment(tmp_path, {"train.local_steps": 3})
+    exp = smoke_experiment_in(tmp_path, {"train.local_steps": 3})
     toydata.fabricate(exp, sizes={"general": 100, "rural": 80, "metro_icd": 60}, strength=3.0)
     seen: list[tuple[int, float, float | None]] = []
     out = train_interactive(

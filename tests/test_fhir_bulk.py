@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import requests
+from helpers import write_bulk
 
 from fedlab.fhir.bulk import BulkDataClient, BulkDataError, parse_retry_after
 from fedlab.fhir.server import Fault, SiteServer
@@ -53,16 +54,6 @@ RESOURCES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def write_bulk(folder: Path, resources: dict[str, list[dict[str, Any]]] = RESOURCES, compact: bool = True) -> Path:
-    """Compact lines (as generated) take the server's no-parse fast path; spaced ones are parsed."""
-    bulk = folder / "bulk"
-    bulk.mkdir(parents=True, exist_ok=True)
-    separators = (",", ":") if compact else (", ", ": ")
-    for name, rows in resources.items():
-        (bulk / f"{name}.ndjson").write_text("".join(json.dumps(r, separators=separators) + "\n" for r in rows))
-    return bulk
-
-
 @pytest.fixture(scope="module")
 def key() -> ClientKey:
     return ClientKey.generate("ES384")
@@ -77,7 +68,7 @@ def registry(key: ClientKey) -> ClientRegistry:
 
 @pytest.fixture(scope="module")
 def bulk_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bulk(tmp_path_factory.mktemp("site"))
+    return write_bulk(tmp_path_factory.mktemp("site"), RESOURCES)
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +355,7 @@ def test_token_refreshed_after_401_mid_export(bulk_dir: Path, registry: ClientRe
 
 def test_spaced_json_lines_give_same_results(tmp_path: Path, registry: ClientRegistry, key: ClientKey,
                                              site: SiteServer) -> None:
-    spaced = write_bulk(tmp_path / "spaced", compact=False)
+    spaced = write_bulk(tmp_path / "spaced", RESOURCES, compact=False)
     runs = [("system", {}), ("system", {"since": "2024-01-01T00:00:00Z"}), ("patient", {"patients": ["p2"]})]
     with SiteServer(spaced, registry) as spaced_site, client_for(spaced_site, key) as spaced_client, \
             client_for(site, key) as compact_client:
@@ -405,7 +396,7 @@ def test_export_stage(tmp_path: Path) -> None:
         export(exp, progress=False)
     for site in exp.site_ids:
         site_dir = exp.data_path("synthea", None, site)
-        write_bulk(site_dir)
+        write_bulk(site_dir, RESOURCES)
         (site_dir / "_SUCCESS.json").write_text("{}")
     paths = export(exp, progress=False)
     assert set(paths) == {"alpha", "beta"} and paths["alpha"] == tmp_path / "data" / "export" / "tiny" / "alpha"

@@ -15,6 +15,7 @@ import jwt
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
+from helpers import write_bulk
 
 from fedlab.fhir.smart import (
     ASSERTION_TYPE,
@@ -29,16 +30,12 @@ from fedlab.fhir.smart import (
 CLIENT = "node-a"
 
 
-def _write_bulk(folder: Path) -> Path:
-    bulk = folder / "bulk"
-    bulk.mkdir(parents=True)
+def _two_patients(folder: Path) -> Path:
     patients = [{"resourceType": "Patient", "id": f"p{i}", "gender": "female"} for i in (1, 2)]
     observations = [{"resourceType": "Observation", "id": f"o{i}", "status": "final",
                      "subject": {"reference": f"Patient/p{i}"},
                      "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]}} for i in (1, 2)]
-    for name, rows in (("Patient", patients), ("Observation", observations)):
-        (bulk / f"{name}.ndjson").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return bulk
+    return write_bulk(folder, {"Patient": patients, "Observation": observations}, compact=False)
 
 
 class _Clock:
@@ -66,7 +63,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, ClientKey]):
     registry.register("node-obs", keys["ES384"].jwks(), "system/Observation.rs")
     clock = _Clock()
     issuer = TokenIssuer(registry, clock=clock)
-    with SiteServer(_write_bulk(tmp_path_factory.mktemp("smart")), registry, issuer=issuer) as server:
+    with SiteServer(_two_patients(tmp_path_factory.mktemp("smart")), registry, issuer=issuer) as server:
         server.clock = clock  # type: ignore[attr-defined]
         yield server
 

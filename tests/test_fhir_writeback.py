@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import requests
+from helpers import write_bulk
 
 from fedlab.fhir.bulk import BulkDataClient
 from fedlab.fhir.deid import DeidPolicy
@@ -29,14 +30,6 @@ OBSERVATIONS = [{"resourceType": "Observation", "id": "o1", "status": "final", "
 WRITER, READER, V1_WRITER = "node-writer", "node-reader", "node-v1"
 
 
-def _bulk(folder: Path) -> Path:
-    bulk = folder / "bulk"
-    bulk.mkdir(parents=True)
-    for name, rows in (("Patient", PATIENTS), ("Observation", OBSERVATIONS)):
-        (bulk / f"{name}.ndjson").write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
-    return bulk
-
-
 @pytest.fixture(scope="module")
 def key() -> ClientKey:
     return ClientKey.generate("ES384")
@@ -53,7 +46,7 @@ def registry(key: ClientKey) -> ClientRegistry:
 
 @pytest.fixture()
 def site(tmp_path: Path, registry: ClientRegistry) -> SiteServer:
-    with SiteServer(_bulk(tmp_path), registry, work_dir=tmp_path / "work") as server:
+    with SiteServer(write_bulk(tmp_path, {"Patient": PATIENTS, "Observation": OBSERVATIONS}), registry, work_dir=tmp_path / "work") as server:
         yield server
 
 
@@ -167,7 +160,7 @@ def test_audit_log_records_who_did_what(site: SiteServer, key: ClientKey, tmp_pa
 def test_write_back_by_pseudonym_on_a_deidentifying_site(tmp_path: Path, registry: ClientRegistry,
                                                          key: ClientKey) -> None:
     policy = DeidPolicy("hospital-secret")
-    with SiteServer(_bulk(tmp_path), registry, deid_policy=policy) as site:
+    with SiteServer(write_bulk(tmp_path, {"Patient": PATIENTS, "Observation": OBSERVATIONS}), registry, deid_policy=policy) as site:
         _, rows = _export(site, key, tmp_path / "first", types=["Patient"])
         pseudonyms = sorted(r["id"] for r in rows["Patient"])
         assert "p1" not in pseudonyms and policy.pseudonym("p1") in pseudonyms

@@ -48,6 +48,31 @@ def unfinalized_metrics_bytes(model_fn: Any) -> int:
     )
 
 
+def _byte_counts(
+    weights: list[np.ndarray], n_clients: int, participants: int, rounds: int, down: int, up: int,
+    raw_bytes: dict[str, int],
+) -> dict[str, Any]:
+    """The keys every communication summary shares: per-client, per-round, cumulative and total bytes."""
+    per_round = participants * (down + up)
+    raw_total = int(sum(raw_bytes.values()))
+    return {
+        "n_parameters": int(sum(w.size for w in weights)),
+        "n_clients": n_clients,
+        "clients_per_round": participants,
+        "rounds": rounds,
+        "bytes_down_per_client_per_round": down,
+        "bytes_up_per_client_per_round": up,
+        "bytes_down_per_round": participants * down,
+        "bytes_up_per_round": participants * up,
+        "cumulative_bytes": [per_round * (r + 1) for r in range(rounds)],
+        "total_bytes": per_round * rounds,
+        "weights_protobuf_bytes": protobuf_bytes(weights),
+        "raw_data_bytes": raw_total,
+        "raw_data_bytes_per_site": raw_bytes,
+        "federated_over_raw": (per_round * rounds / raw_total) if raw_total else None,
+    }
+
+
 def communication(
     tff: ModuleType,
     model_fn: Any,
@@ -64,26 +89,11 @@ def communication(
     server_weights_type = process.next.type_signature.parameter[0].member.global_model_weights
     down = type_bytes(tff, server_weights_type)
     up = type_bytes(tff, weights_type.trainable) + 4 + unfinalized_metrics_bytes(model_fn)
-    participants = clients_per_round or n_clients
-    per_round = participants * (down + up)
-    raw_total = int(sum(raw_bytes.values()))
+    counts = _byte_counts(weights, n_clients, clients_per_round or n_clients, rounds, down, up, raw_bytes)
     return {
         "methods": methods,
         "weights_type": str(weights_type),
-        "n_parameters": int(sum(w.size for w in weights)),
-        "n_clients": n_clients,
-        "clients_per_round": participants,
-        "rounds": rounds,
-        "bytes_down_per_client_per_round": down,
-        "bytes_up_per_client_per_round": up,
-        "bytes_down_per_round": participants * down,
-        "bytes_up_per_round": participants * up,
-        "cumulative_bytes": [per_round * (r + 1) for r in range(rounds)],
-        "total_bytes": per_round * rounds,
-        "weights_protobuf_bytes": protobuf_bytes(weights),
-        "raw_data_bytes": raw_total,
-        "raw_data_bytes_per_site": raw_bytes,
-        "federated_over_raw": (per_round * rounds / raw_total) if raw_total else None,
+        **counts,
         "counting": (
             "down = model weights per client per round; up = trainable delta + float32 client weight + "
             "unfinalized metrics; element count x dtype size from TFF types; raw = features.parquet sizes"
@@ -96,24 +106,9 @@ def sequential_communication(
 ) -> dict[str, Any]:
     """The same keys as `communication` for a run of Cyclic alone (weights passed site to site)."""
     hop = int(sum(w.nbytes for w in weights))
-    per_round = visits_per_round * hop
-    raw_total = int(sum(raw_bytes.values()))
     return {
         "methods": ["cyclic"],
-        "n_parameters": int(sum(w.size for w in weights)),
-        "n_clients": n_clients,
-        "clients_per_round": visits_per_round,
-        "rounds": rounds,
-        "bytes_down_per_client_per_round": hop,
-        "bytes_up_per_client_per_round": 0,
-        "bytes_down_per_round": per_round,
-        "bytes_up_per_round": 0,
-        "cumulative_bytes": [per_round * (r + 1) for r in range(rounds)],
-        "total_bytes": per_round * rounds,
-        "weights_protobuf_bytes": protobuf_bytes(weights),
-        "raw_data_bytes": raw_total,
-        "raw_data_bytes_per_site": raw_bytes,
-        "federated_over_raw": (per_round * rounds / raw_total) if raw_total else None,
+        **_byte_counts(weights, n_clients, visits_per_round, rounds, hop, 0, raw_bytes),
         "counting": "cyclic: one transfer of the model weights per site visit (site to site)",
     }
 

@@ -2,11 +2,12 @@
 
 Writes synthetic flattened tables (the Parquet contract of docs/architecture.md: yearly wellness
 visits over 10 years with vitals and labs, some emergency/inpatient stays, conditions and drug
-orders), starts the Spark session (timed separately), then times `build_features` for all sites
-and samples the peak resident memory of this process plus the Spark JVM. Prints one JSON object
-and writes `reports/bench/features.json`.
+orders), starts the Spark session (timed separately), then, for each size, times `build_features`
+for all sites and samples the peak resident memory of this process plus the Spark JVM and their
+CPU time. `value` is the first size (the goal); `sizes` holds every size and `scaling` how time grows
+with patients. Prints one JSON object and writes `reports/bench/features.json`.
 
-    python benchmarks/bench_features.py [--sites 4] [--patients 2500]
+    python benchmarks/bench_features.py [--sites 4] [--sizes 2500 25000]
 """
 
 from __future__ import annotations
@@ -131,49 +132,104 @@ class PeakMemory:
         self._thread.join()
 
 
+def cpu_seconds(process) -> float:
+    """User + system CPU time of this process and its children (the Spark JVM)."""
+    total = sum(process.cpu_times()[:2])
+    for child in process.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except Exception:  # a child may exit between listing and reading
+            pass
+    return total
+
+
+def measure(spark, n_sites: int, patients: int, tmp: Path) -> dict:
+    """Write the input tables of one size, then time `build_features` over all sites."""
+    import psutil
+
+    sites = [{"id": f"s{k}", "patients": patients, "seed": k + 1} for k in range(n_sites)]
+    exp = experiment_from_dict({"name": f"bench_features_{patients}", "seed": 1,
+                                "data_dir": str(tmp / f"data_{patients}"), "sites": sites})
+    started, rows_in = time.perf_counter(), 0
+    for k, site in enumerate(exp.site_ids):
+        tables = site_tables(patients, seed=k + 1)
+        rows_in += sum(len(f) for f in tables.values())
+        write_site(exp.data_path("tables", None, site), tables)
+        del tables
+    input_seconds = time.perf_counter() - started
+    process = psutil.Process(os.getpid())
+    with PeakMemory() as memory:
+        cpu_before, started = cpu_seconds(process), time.perf_counter()
+        outputs = build_features(exp, spark=spark, force=True)
+        seconds = time.perf_counter() - started
+        cpu = cpu_seconds(process) - cpu_before
+    rows_out = sum(len(pd.read_parquet(p / "features.parquet", columns=["patient_id"])) for p in outputs.values())
+    return {
+        "patients_per_site": patients,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
+        "seconds_per_1000_patients": round(seconds / (n_sites * patients / 1000), 3),
+        "per_site_seconds": round(seconds / n_sites, 2),
+        "input_rows": rows_in,
+        "feature_rows": rows_out,
+        "input_write_seconds": round(input_seconds, 2),
+        "peak_rss_mb": round(memory.peak / 2**20, 1),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--patients", type=int, default=2500)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 25000],
+                        help="patients per site; each size is measured in turn (the first is the goal size)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sites = [{"id": f"s{k}", "patients": args.patients, "seed": k + 1} for k in range(args.sites)]
         exp = experiment_from_dict({"name": "bench_features", "seed": 1, "data_dir": str(Path(tmp) / "data"),
-                                    "sites": sites})
-        rows_in = 0
-        for k, site in enumerate(exp.site_ids):
-            tables = site_tables(args.patients, seed=k + 1)
-            rows_in += sum(len(f) for f in tables.values())
-            write_site(exp.data_path("tables", None, site), tables)
-        with PeakMemory() as memory:
+                                    "sites": [{"id": "s0", "patients": 1, "seed": 1}]})
+        with PeakMemory() as session_memory:
             from fedlab.spark import get_spark
 
             started = time.perf_counter()
             spark = get_spark(exp)
             spark.range(1).count()
             session_seconds = time.perf_counter() - started
-            started = time.perf_counter()
-            outputs = build_features(exp, spark=spark, force=True)
-            seconds = time.perf_counter() - started
-        rows_out = sum(len(pd.read_parquet(p / "features.parquet")) for p in outputs.values())
+        runs = [measure(spark, args.sites, patients, Path(tmp)) for patients in args.sizes]
         spark.stop()
+    first = runs[0]
     result = {
         "name": "features",
-        "value": round(seconds, 2),
+        "value": first["seconds"],
         "unit": "s",
-        "goal": f"< 60 s for {args.sites} sites x {args.patients} patients on 2 cores, session already up",
+        "goal": f"< 60 s for {args.sites} sites x {first['patients_per_site']} patients on 2 cores, session already up",
         "sites": args.sites,
-        "patients_per_site": args.patients,
-        "input_rows": rows_in,
-        "feature_rows": rows_out,
-        "per_site_seconds": round(seconds / args.sites, 2),
+        "patients_per_site": first["patients_per_site"],
+        "input_rows": first["input_rows"],
+        "feature_rows": first["feature_rows"],
+        "per_site_seconds": first["per_site_seconds"],
         "session_start_seconds": round(session_seconds, 2),
-        "peak_rss_mb": round(memory.peak / 2**20, 1),
-        "peak_rss_scope": "python process + Spark JVM (children), sampled every 0.2 s",
+        "session_peak_rss_mb": round(session_memory.peak / 2**20, 1),
+        "peak_rss_mb": first["peak_rss_mb"],
+        "peak_rss_scope": "python process + Spark JVM (children), sampled every 0.2 s during build_features",
+        "sizes": runs,
+        "scaling": _scaling(runs),
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
     }
     print(json.dumps(result, indent=2))
     write_json(ROOT / "reports" / "bench" / "features.json", result)
+
+
+def _scaling(runs: list[dict]) -> dict | None:
+    """How time grows with patients between the smallest and the largest size measured."""
+    if len(runs) < 2:
+        return None
+    small, large = min(runs, key=lambda r: r["patients_per_site"]), max(runs, key=lambda r: r["patients_per_site"])
+    size_ratio = large["patients_per_site"] / small["patients_per_site"]
+    time_ratio = large["seconds"] / small["seconds"]
+    return {"patients_ratio": round(size_ratio, 2), "seconds_ratio": round(time_ratio, 2),
+            "seconds_per_1000_patients": {str(r["patients_per_site"]): r["seconds_per_1000_patients"] for r in runs},
+            "growth": "sublinear (a fixed planning/scheduling cost weighs on the small size)"
+            if time_ratio < size_ratio else "linear or worse"}
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def cmd_reproduce(args: argparse.Namespace) -> Any:
         steps = plan(exp, args.run or exp.name, list(STAGE_NAMES) if force is True else force, start)
         return "\n".join(f"{s['stage']:<9} {s['action']:<7} {s['why']}" for s in steps)
     return reproduce(args.config, run=args.run, overrides=overrides, force=force,
-                     start_from=args.start_from, notebooks=args.notebook or None)
+                     start_from=args.start_from, notebooks=args.notebook or None, parallel=args.parallel)
 
 
 def cmd_doctor(args: argparse.Namespace) -> Any:
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="redo STAGE even if cached (repeatable); without STAGE, redo every stage")
             p.add_argument("--from", dest="start_from", metavar="STAGE", help="redo STAGE and every stage after it")
             p.add_argument("--dry-run", action="store_true", help="print what would run, and why, then stop")
+            p.add_argument("--parallel", type=int, default=1, metavar="N",
+                           help="run the sites of generate, export and flatten in up to N processes "
+                                "(fewer if memory is short; features stays in one Spark session)")
         else:
             p.add_argument("--force", action="store_true", help="redo work even if outputs are complete")
         if verb in ("generate", "export", "flatten", "features", "serve"):

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from fedlab.config import Experiment
+from fedlab.federated.data import SKIPPED
 
 
 def iter_ndjson(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]:
@@ -97,6 +98,8 @@ def read_tables(exp: Experiment, run: str, table: str) -> pd.DataFrame:
 
 
 def read_features(exp: Experiment, run: str) -> pd.DataFrame:
-    frames = [pd.read_parquet(exp.data_path("features", run, s) / "features.parquet").assign(site=s)
-              for s in exp.site_ids]
+    """Every site's feature table with a `site` column; sites the features stage skipped are left out."""
+    folders = {s: exp.data_path("features", run, s) for s in exp.site_ids}
+    frames = [pd.read_parquet(folder / "features.parquet").assign(site=s)
+              for s, folder in folders.items() if not (folder / SKIPPED).is_file()]
     return pd.concat(frames, ignore_index=True)

@@ -16,7 +16,16 @@ Per site, from `data/tables/<run>/<site>/*.parquet` (see docs/architecture.md):
   abated at index). Years are 365.25 days.
 
 All computation is Spark DataFrame code with window functions; only the final one-row-per-patient
-result is collected to write one Parquet file.
+result is collected to write one Parquet file per site. The sites still to build run as one Spark
+plan over the union of their tables tagged with a `site` column; every join, window and grouping is
+keyed by `site` (as is the data end date), so one site's rows never touch another site's features.
+The per-query planning and scheduling cost, which dominates at site sizes, is then paid once.
+
+`task.on_site_error`: a site whose tables are missing or lack a needed column, that has no dated
+events, whose cohort is empty or whose label has one class is, with "skip", not given features;
+its folder holds `_SKIPPED.json` (the reason) and `_SUCCESS.json` (`"skipped": true`), so it counts
+as done and training leaves it out. With "raise" the first two raise `FeatureError` naming the site
+and what is missing; an empty cohort or a single label class warns (`FeatureWarning`) and writes.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedlab import harmonization as hz
-from fedlab.io import SUCCESS, is_complete, staging_dir, write_json
+from fedlab.io import SUCCESS, is_complete, read_json, staging_dir, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,6 +75,8 @@ REQUIRED_COLUMNS = {
     "medication_request": ("patient_id", "authored_on", "concept"),
 }
 ID_COLUMNS = ("patient_id", "index_date")
+SITE = "site"  # the column tagging every row with its site while all sites run in one plan
+SKIPPED = "_SKIPPED.json"
 
 
 class FeatureError(ValueError):
@@ -166,15 +178,25 @@ def _seconds(column: str) -> Column:
 
 # ---- cohort, index, label -----------------------------------------------------------------
 
-def data_end_seconds(t: dict[str, DataFrame]) -> float | None:
-    """The latest dated event in the site's data (epoch seconds)."""
+def combine_sites(per_site: dict[str, dict[str, DataFrame]]) -> dict[str, DataFrame]:
+    """Each table as the union of all sites' rows, tagged with a `site` column."""
+    from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
-    dates = (t["encounter"].select(_seconds("start").alias("s"))
-             .unionByName(t["observation"].select(_seconds("effective").alias("s")))
-             .unionByName(t["condition"].select(_seconds("onset").alias("s")))
-             .unionByName(t["medication_request"].select(_seconds("authored_on").alias("s"))))
-    return dates.agg(F.max("s")).first()[0]
+    return {name: reduce(DataFrame.unionByName,
+                         [tables[name].withColumn(SITE, F.lit(site)) for site, tables in per_site.items()])
+            for name in REQUIRED_COLUMNS}
+
+
+def data_end(t: dict[str, DataFrame]) -> DataFrame:
+    """(site, data_end_s): the latest dated event of each site (epoch seconds)."""
+    from pyspark.sql import functions as F
+
+    dates = (t["encounter"].select(SITE, _seconds("start").alias("s"))
+             .unionByName(t["observation"].select(SITE, _seconds("effective").alias("s")))
+             .unionByName(t["condition"].select(SITE, _seconds("onset").alias("s")))
+             .unionByName(t["medication_request"].select(SITE, _seconds("authored_on").alias("s"))))
+    return dates.groupBy(SITE).agg(F.max("s").alias("data_end_s"))
 
 
 def outcome_events(t: dict[str, DataFrame], outcome: str) -> DataFrame:
@@ -182,13 +204,13 @@ def outcome_events(t: dict[str, DataFrame], outcome: str) -> DataFrame:
 
     spec = OUTCOMES[outcome]
     events = (t["condition"].filter(F.col("concept").isin(*spec["conditions"]))
-              .select("patient_id", _seconds("onset").alias("event_s")))
+              .select(SITE, "patient_id", _seconds("onset").alias("event_s")))
     events = events.unionByName(t["medication_request"].filter(F.col("concept").isin(*spec["medications"]))
-                                .select("patient_id", _seconds("authored_on").alias("event_s")))
+                                .select(SITE, "patient_id", _seconds("authored_on").alias("event_s")))
     if spec["hba1c_at_least"] is not None:
         high = (F.col("concept") == "hba1c") & (F.col("value_canonical") >= spec["hba1c_at_least"])
         events = events.unionByName(t["observation"].filter(high)
-                                    .select("patient_id", _seconds("effective").alias("event_s")))
+                                    .select(SITE, "patient_id", _seconds("effective").alias("event_s")))
     return events.filter(F.col("event_s").isNotNull())
 
 
@@ -197,27 +219,28 @@ def candidate_encounters(t: dict[str, DataFrame]) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    enc = (t["encounter"].select("encounter_id", "patient_id", "class_code", "type_code",
+    enc = (t["encounter"].select(SITE, "encounter_id", "patient_id", "class_code", "type_code",
                                  _seconds("start").alias("index_s")).filter(F.col("index_s").isNotNull())
            .withColumn("wellness", F.coalesce(F.col("type_code").isin(*WELLNESS_TYPES), F.lit(False))))
-    enc = enc.withColumn("has_wellness", F.max(F.col("wellness").cast("int")).over(Window.partitionBy("patient_id")))
+    enc = enc.withColumn("has_wellness", F.max(F.col("wellness").cast("int")).over(Window.partitionBy(SITE, "patient_id")))
     keep = F.col("wellness") | ((F.col("has_wellness") == 0) & (F.col("class_code") == "AMB"))
-    return enc.filter(keep).select("encounter_id", "patient_id", "index_s")
+    return enc.filter(keep).select(SITE, "encounter_id", "patient_id", "index_s")
 
 
-def label_candidates(t: dict[str, DataFrame], task: TaskConfig, data_end_s: float) -> DataFrame:
-    """Every candidate encounter with its eligibility flags and label."""
+def label_candidates(t: dict[str, DataFrame], task: TaskConfig, ends: DataFrame) -> DataFrame:
+    """Every candidate encounter with its eligibility flags and label; `ends` is `data_end(t)`."""
     from pyspark.sql import functions as F
 
-    patients = t["patient"].select("patient_id", "gender", "race", "ethnicity",
-                                   _seconds("birth_date").alias("birth_s"), _seconds("deceased").alias("death_s"))
-    first_event = (outcome_events(t, task.outcome).groupBy("patient_id")
+    patients = (t["patient"].select(SITE, "patient_id", "gender", "race", "ethnicity",
+                                    _seconds("birth_date").alias("birth_s"), _seconds("deceased").alias("death_s"))
+                .join(F.broadcast(ends), SITE, "left"))
+    first_event = (outcome_events(t, task.outcome).groupBy(SITE, "patient_id")
                    .agg(F.min("event_s").alias("first_event_s")))
     horizon_s = task.horizon_years * YEAR_SECONDS
     followup_s = max(task.horizon_years, task.min_followup_years) * YEAR_SECONDS
-    end_s = F.least(F.coalesce(F.col("death_s"), F.lit(data_end_s)), F.lit(data_end_s))
-    cand = (candidate_encounters(t).join(patients, "patient_id", "inner")
-            .join(first_event, "patient_id", "left")
+    end_s = F.least(F.coalesce(F.col("death_s"), F.col("data_end_s")), F.col("data_end_s"))
+    cand = (candidate_encounters(t).join(patients, [SITE, "patient_id"], "inner")
+            .join(first_event, [SITE, "patient_id"], "left")
             .withColumn("age", (F.col("index_s") - F.col("birth_s")) / YEAR_SECONDS))
     # No event at or before index, so the first event decides the label: in (index, index + horizon].
     no_prior = F.col("first_event_s").isNull() | (F.col("first_event_s") > F.col("index_s"))
@@ -235,12 +258,16 @@ def select_index(cand: DataFrame, seed: int) -> DataFrame:
 
     eligible = cand.filter(F.col("age_ok") & F.col("no_prior") & F.col("followup_ok"))
     key = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col("patient_id"), F.col("encounter_id")), 256)
-    order = Window.partitionBy("patient_id").orderBy(key, F.col("encounter_id"))
+    order = Window.partitionBy(SITE, "patient_id").orderBy(key, F.col("encounter_id"))
     return eligible.withColumn("_rank", F.row_number().over(order)).filter(F.col("_rank") == 1).drop("_rank")
 
 
-def funnel(t: dict[str, DataFrame], cand: DataFrame) -> dict[str, int]:
-    """Patients left after each cohort rule (a patient counts if any candidate encounter passes)."""
+FUNNEL_STEPS = ("with_candidate_encounter", "age_eligible", "no_prior_outcome", "cohort")
+
+
+def funnel(t: dict[str, DataFrame], cand: DataFrame, ends: DataFrame) -> dict[str, dict[str, Any]]:
+    """Per site: patients left after each cohort rule (a patient counts if any candidate encounter
+    passes), and `data_end_s`; one Spark job. A site with no rows at all is absent."""
     from pyspark.sql import functions as F
 
     steps = {
@@ -249,10 +276,13 @@ def funnel(t: dict[str, DataFrame], cand: DataFrame) -> dict[str, int]:
         "no_prior_outcome": F.col("age_ok") & F.col("no_prior"),
         "cohort": F.col("age_ok") & F.col("no_prior") & F.col("followup_ok"),
     }
-    per_patient = cand.groupBy("patient_id").agg(
+    per_patient = cand.groupBy(SITE, "patient_id").agg(
         *[F.max(F.coalesce(rule, F.lit(False)).cast("int")).alias(name) for name, rule in steps.items()])
-    row = per_patient.agg(*[F.coalesce(F.sum(name), F.lit(0)).alias(name) for name in steps]).first()
-    return {"patients": t["patient"].count(), **{name: int(row[name]) for name in steps}}
+    per_site = per_patient.groupBy(SITE).agg(*[F.sum(name).alias(name) for name in steps])
+    patients = t["patient"].groupBy(SITE).agg(F.count(F.lit(1)).alias("patients"))
+    rows = patients.join(ends, SITE, "full").join(per_site, SITE, "left").collect()
+    return {row[SITE]: {"patients": int(row["patients"] or 0), **{name: int(row[name] or 0) for name in steps},
+                        "data_end_s": row["data_end_s"]} for row in rows}
 
 
 # ---- features -----------------------------------------------------------------------------
@@ -264,7 +294,7 @@ def long_events(t: dict[str, DataFrame]) -> DataFrame:
     def shape(frame: DataFrame, kind: str, key: str, when: str, end: str | None, value: str | None,
               row_id: str) -> DataFrame:
         return frame.select(
-            "patient_id", F.lit(kind).alias("kind"), F.col(key).cast("string").alias("key"),
+            SITE, "patient_id", F.lit(kind).alias("kind"), F.col(key).cast("string").alias("key"),
             _seconds(when).alias("t"), (_seconds(end) if end else F.lit(None).cast("double")).alias("end_t"),
             (F.col(value).cast("double") if value else F.lit(None).cast("double")).alias("v"),
             F.col(row_id).cast("string").alias("row_id"))
@@ -293,22 +323,22 @@ def window_features(t: dict[str, DataFrame], index: DataFrame, task: TaskConfig)
     in_lookback = (F.col("t") <= F.col("index_s")) & (F.col("t") >= F.col("index_s") - lookback_s)
     active = ((F.col("t") <= F.col("index_s"))
               & (F.col("end_t").isNull() | (F.col("end_t") > F.col("index_s"))))
-    events = (long_events(t).join(F.broadcast(index), "patient_id")
+    events = (long_events(t).join(F.broadcast(index), [SITE, "patient_id"])
               .filter(F.when(F.col("kind") == "cond", active).otherwise(in_lookback))
               .withColumn("x", (F.col("t") - F.col("index_s")) / YEAR_SECONDS))
-    group = Window.partitionBy("patient_id", "kind", "key").orderBy("t", "row_id")
+    group = Window.partitionBy(SITE, "patient_id", "kind", "key").orderBy("t", "row_id")
     whole = group.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    latest = Window.partitionBy("patient_id", "kind", "key").orderBy(F.desc("t"), F.desc("row_id"))
     n, sx, sv = F.count("v").over(whole), F.sum("x").over(whole), F.sum("v").over(whole)
     sxx, sxv = F.sum(F.col("x") * F.col("x")).over(whole), F.sum(F.col("x") * F.col("v")).over(whole)
     denom = n * sxx - sx * sx
     stats = events.select(
-        "patient_id", "kind", "key", F.col("v").alias("last"), (sv / n).alias("mean"),
+        SITE, "patient_id", "kind", "key", F.col("v").alias("last"), (sv / n).alias("mean"),
         F.min("v").over(whole).alias("min"), F.max("v").over(whole).alias("max"),
         F.when((n >= 2) & (denom > 1e-12), (n * sxv - sx * sv) / denom).alias("slope"),
         F.count(F.lit(1)).over(whole).alias("count"),
-        F.row_number().over(latest).alias("_latest"),
-    ).filter(F.col("_latest") == 1)
+        # the latest row is the last in the frame's order: one sort serves every statistic
+        F.row_number().over(group).alias("_position"),
+    ).filter(F.col("_position") == F.col("count"))
 
     def pick(kind: str, key: str, stat: str) -> Column:
         # exactly one row per (patient, kind, key) survives, so max() just picks it
@@ -318,7 +348,7 @@ def window_features(t: dict[str, DataFrame], index: DataFrame, task: TaskConfig)
     aggs += [pick("enc", c, "count").alias(f"n_enc_{c.lower()}") for c in ENCOUNTER_CLASSES]
     aggs += [pick("cond", c, "count").alias(f"cond_{c}") for c in CONDITION_CONCEPTS]
     aggs += [pick("med", c, "count").alias(f"med_{c}") for c in MEDICATION_CLASSES]
-    return stats.groupBy("patient_id").agg(*aggs)
+    return stats.groupBy(SITE, "patient_id").agg(*aggs)
 
 
 def assemble(t: dict[str, DataFrame], cohort: DataFrame, task: TaskConfig) -> DataFrame:
@@ -326,13 +356,14 @@ def assemble(t: dict[str, DataFrame], cohort: DataFrame, task: TaskConfig) -> Da
     from pyspark.sql import functions as F
 
     frame = cohort.select(
-        "patient_id", "index_s", "label", "age",
+        SITE, "patient_id", "index_s", "label", "age",
         (F.col("gender") == "female").alias("is_female"),
         *[(F.col("race") == r).alias(f"race_{r}") for r in RACES],
         (~F.coalesce(F.col("race").isin(*RACES), F.lit(False))).alias("race_other"),
         (F.col("ethnicity") == "hispanic").alias("hispanic"),
     )
-    frame = frame.join(window_features(t, cohort.select("patient_id", "index_s"), task), "patient_id", "left")
+    index = cohort.select(SITE, "patient_id", "index_s")
+    frame = frame.join(window_features(t, index, task), [SITE, "patient_id"], "left")
     columns = []
     for name in feature_names(task):
         if name.endswith("_missing"):
@@ -345,24 +376,47 @@ def assemble(t: dict[str, DataFrame], cohort: DataFrame, task: TaskConfig) -> Da
             value = F.col(name)
         columns.append(value.cast("double").alias(name))
     index_date = F.to_date(F.col("index_s").cast("timestamp")).alias("index_date")
-    return frame.select("patient_id", index_date, F.col("label").cast("long").alias("label"), *columns)
+    return frame.select(SITE, "patient_id", index_date, F.col("label").cast("long").alias("label"), *columns)
 
 
 # ---- one site, all sites ------------------------------------------------------------------
 
+@dataclass
+class SiteFeatures:
+    """One site's result: features and quality facts, or `error` when none could be built."""
+
+    site: str
+    features: pd.DataFrame | None = None
+    quality: dict[str, Any] | None = None
+    error: str | None = None
+    warnings: list[str] | None = None  # empty cohort or one label class: written only with "raise"
+
+
 def site_features(spark: SparkSession, folder: Path, task: TaskConfig, seed: int,
                   site: str) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Features (pandas, collected from Spark) and quality facts for one site's tables."""
-    t = read_tables(spark, folder, site)
+    result = sites_features(spark, {site: read_tables(spark, folder, site)}, task, seed)[site]
+    if result.error:
+        raise FeatureError(result.error)
+    for message in result.warnings or []:
+        warnings.warn(message, FeatureWarning, stacklevel=2)
+    return result.features, result.quality
+
+
+def sites_features(spark: SparkSession, tables: dict[str, dict[str, DataFrame]], task: TaskConfig,
+                   seed: int) -> dict[str, SiteFeatures]:
+    """Features of several sites (each `read_tables` output) in one Spark plan, each site on its own."""
+    if not tables:
+        return {}
     with _without_adaptive_execution(spark):
-        return _site_features(spark, t, folder, task, seed, site)
+        return _sites_features(combine_sites(tables), list(tables), task, seed)
 
 
 @contextmanager
 def _without_adaptive_execution(spark: SparkSession) -> Iterator[None]:
     """Adaptive execution runs every shuffle stage as its own job; on site-sized data the per-job
-    scheduling cost dominates (about 20 jobs instead of 7 per site), so it is off while a site is
-    built and restored afterwards. Large joins are broadcast explicitly where it matters."""
+    scheduling cost dominates, so it is off while features are built and restored afterwards.
+    Large joins are broadcast explicitly where it matters."""
     key = "spark.sql.adaptive.enabled"
     previous = spark.conf.get(key, None)
     spark.conf.set(key, "false")
@@ -375,26 +429,34 @@ def _without_adaptive_execution(spark: SparkSession) -> Iterator[None]:
             spark.conf.set(key, previous)
 
 
-def _site_features(spark: SparkSession, t: dict[str, DataFrame], folder: Path, task: TaskConfig, seed: int,
-                   site: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    data_end_s = data_end_seconds(t)
-    if data_end_s is None:
-        raise FeatureError(f"site {site}: no dated events in {folder} (encounter, observation, condition, "
-                           "medication_request are all empty)")
-    cand = label_candidates(t, task, data_end_s).cache()
+def _sites_features(t: dict[str, DataFrame], sites: list[str], task: TaskConfig,
+                    seed: int) -> dict[str, SiteFeatures]:
+    ends = data_end(t)
+    cand = label_candidates(t, task, ends).cache()
     try:
-        counts = funnel(t, cand)
+        facts = funnel(t, cand, ends)  # materializes `cand`
         cohort = select_index(cand, seed).cache()
-        # one row per patient: collected, then ordered by patient_id for a deterministic file
-        features = assemble(t, cohort, task).toPandas().sort_values("patient_id", ignore_index=True)
-        cohort.unpersist()
+        try:
+            everything = assemble(t, cohort, task).toPandas()
+        finally:
+            cohort.unpersist()
     finally:
         cand.unpersist()
-    warn = _warnings(site, counts, features)
-    for message in warn:
-        warnings.warn(message, FeatureWarning, stacklevel=4)
-    quality = _quality(features, counts, task, data_end_s, warn)
-    return features, quality
+    empty = {"patients": 0, **dict.fromkeys(FUNNEL_STEPS, 0), "data_end_s": None}
+    by_site = dict(iter(everything.groupby(SITE, sort=False)))
+    return {site: _one_site(site, dict(facts.get(site, empty)), by_site.get(site, everything.iloc[:0]), task)
+            for site in sites}
+
+
+def _one_site(site: str, facts: dict[str, Any], rows: pd.DataFrame, task: TaskConfig) -> SiteFeatures:
+    data_end_s = facts.pop("data_end_s")
+    if data_end_s is None:
+        return SiteFeatures(site, error=f"site {site}: no dated events (encounter, observation, condition, "
+                                        "medication_request are all empty)")
+    # one row per patient, ordered by patient_id for a deterministic file
+    features = rows.drop(columns=SITE).sort_values("patient_id", ignore_index=True)
+    warn = _warnings(site, facts, features)
+    return SiteFeatures(site, features, _quality(features, facts, task, data_end_s, warn), warnings=warn)
 
 
 def _warnings(site: str, counts: dict[str, int], features: pd.DataFrame) -> list[str]:
@@ -456,23 +518,62 @@ def write_site(features: pd.DataFrame, quality: dict[str, Any], task: TaskConfig
 
 def build_features(exp: Experiment, run: str | None = None, sites: list[str] | None = None, spark=None,
                    force: bool = False) -> dict[str, Path]:
-    """Features for each site into `data/features/<run>/<site>/`; complete folders are kept unless force."""
+    """Features for each site into `data/features/<run>/<site>/`; complete folders are kept unless force.
+
+    Returns the folders of the sites that have features; a site skipped under
+    `task.on_site_error: skip` (now or by an earlier run) is left out (see `skipped_sites`)."""
     site_ids = sites or exp.site_ids
     for site in site_ids:
         exp.site(site)
-    outputs: dict[str, Path] = {}
-    for site in site_ids:
-        out = exp.data_path("features", run, site)
-        if is_complete(out) and not force:
-            outputs[site] = out
-            continue
-        if spark is None:
-            from fedlab.spark import get_spark
+    pending = [site for site in site_ids if force or not is_complete(exp.data_path("features", run, site))]
+    if pending and spark is None:
+        from fedlab.spark import get_spark
 
-            spark = get_spark(exp)
-        started = time.perf_counter()
-        features, quality = site_features(spark, exp.data_path("tables", run, site), exp.task, exp.seed, site)
-        info = {"site": site, "task": exp.task.name, "seed": exp.seed,
-                "seconds": round(time.perf_counter() - started, 3)}
-        outputs[site] = write_site(features, quality, exp.task, exp.seed, out, info)
-    return outputs
+        spark = get_spark(exp)
+    started = time.perf_counter()
+    tables: dict[str, dict[str, DataFrame]] = {}
+    for site in pending:
+        try:
+            tables[site] = read_tables(spark, exp.data_path("tables", run, site), site)
+        except FeatureError as err:
+            _skip_or_raise(exp, run, site, str(err))
+    results = sites_features(spark, tables, exp.task, exp.seed) if tables else {}
+    seconds = round(time.perf_counter() - started, 3)
+    for site, result in results.items():
+        if result.error:
+            _skip_or_raise(exp, run, site, f"{result.error}; tables: {exp.data_path('tables', run, site)}")
+        elif result.warnings and exp.task.on_site_error == "skip":
+            _skip_or_raise(exp, run, site, "; ".join(result.warnings))
+        else:
+            for message in result.warnings or []:
+                warnings.warn(message, FeatureWarning, stacklevel=2)
+            info = {"site": site, "task": exp.task.name, "seed": exp.seed, "seconds": seconds,
+                    "sites_built_together": len(results)}
+            write_site(result.features, result.quality, exp.task, exp.seed, exp.data_path("features", run, site),
+                       info)
+    return {site: exp.data_path("features", run, site) for site in site_ids
+            if (exp.data_path("features", run, site) / "features.parquet").is_file()
+            and not (exp.data_path("features", run, site) / SKIPPED).is_file()}
+
+
+def _skip_or_raise(exp: Experiment, run: str | None, site: str, reason: str) -> None:
+    if exp.task.on_site_error == "raise":
+        raise FeatureError(reason)
+    warnings.warn(f"site {site} skipped (task.on_site_error: skip): {reason}", FeatureWarning, stacklevel=3)
+    write_skipped(exp.data_path("features", run, site), site, reason, exp.task.name)
+
+
+def write_skipped(out: Path, site: str, reason: str, task_name: str) -> Path:
+    """Replace a site's features folder by the record of why it has no features; it counts as complete."""
+    record = {"stage": "features", "site": site, "task": task_name, "skipped": True, "reason": reason,
+              "finished": dt.datetime.now(dt.UTC).isoformat()}
+    with staging_dir(out) as tmp:
+        write_json(tmp / SKIPPED, record)
+        write_json(tmp / SUCCESS, record)
+    return out
+
+
+def skipped_sites(exp: Experiment, run: str | None = None) -> dict[str, str]:
+    """The sites the features stage skipped, with the recorded reason."""
+    records = {site: exp.data_path("features", run, site) / SKIPPED for site in exp.site_ids}
+    return {site: read_json(path)["reason"] for site, path in records.items() if path.is_file()}

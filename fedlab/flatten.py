@@ -14,6 +14,10 @@ rest is flattened by one of two engines (`flatten.engine`):
   NDJSON reader is quadratic and its folder mode blanks code columns, so neither is used); the
   tables are then derived from fhiry's wide columns.
 
+The views engine runs in this process (`flatten.runner: pandas`) or on a Spark session
+(`flatten.runner: spark`, `flatten_ndjson_spark`): executors parse, check and flatten the lines, the
+driver does the file-order accounting and everything after, so both runners write the same files.
+
 Both engines then share the same derivations (OMB race/ethnicity labels, condition concepts,
 drug classes), unit harmonization with the maps in `fedlab/harmonization/`, quarantine and
 `harmonization.json`; `tests/test_flatten_parity.py` checks that they produce the same rows.
@@ -22,6 +26,7 @@ drug classes), unit harmonization with the maps in `fedlab/harmonization/`, quar
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gzip
 import json
 import re
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,6 +48,8 @@ from fedlab.io import SUCCESS, atomic_open, is_complete, read_json, staging_dir,
 from fedlab.views.fastpath import CHOICE_NAMES, reference_key, resource_key
 
 if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
     from fedlab.config import Experiment
 
 Engine = Literal["views", "fhiry"]
@@ -169,17 +177,28 @@ def check_resource(resource: Any, expected_type: str | None) -> str | None:
     if rtype not in REQUIRED:
         return None
     for spec, alternatives in zip(REQUIRED[rtype], _REQUIRED_KEYS[rtype], strict=True):
-        if not any(_get_keys(resource, keys) not in (None, "", []) for keys in alternatives):
+        if not _present(resource, alternatives):
             return f"{rtype} {resource.get('id', '?')}: missing required field {spec}"
     quantity = resource.get("valueQuantity")
     value = quantity.get("value") if isinstance(quantity, dict) else None
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+    if value is not None and type(value) is not float and (isinstance(value, bool) or not isinstance(value, int)):
         return f"{rtype} {resource.get('id', '?')}: valueQuantity.value is not a number: {value!r}"
+    match = _DATETIME.match
     for name, keys in _DATETIME_KEYS[rtype]:
-        value = _get_keys(resource, keys)
-        if value is not None and not (isinstance(value, str) and _DATETIME.match(value)):
+        value = resource.get(keys[0]) if len(keys) == 1 else _get_keys(resource, keys)
+        if value is not None and not (type(value) is str and match(value)):
             return f"{rtype} {resource.get('id', '?')}: invalid dateTime in {name}: {value!r}"
     return None
+
+
+def _present(resource: dict[str, Any], alternatives: list[list[str]]) -> bool:
+    for keys in alternatives:
+        node: Any = resource
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None and node != "" and node != []:
+            return True
+    return False
 
 
 # ---- derivations shared by both engines -----------------------------------------------------
@@ -201,6 +220,9 @@ def _timestamps(series: pd.Series) -> pd.Series:
 
 def _text(series: pd.Series) -> pd.Series:
     """Codes as strings (a JSON number in a code field becomes its text), nulls as None."""
+    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+        series = series.astype("object")  # already text: only the nulls need normalizing
+        return series.where(series.notna(), None)
     return series.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v),
                       na_action=None).astype("object")
 
@@ -668,7 +690,14 @@ def _converter(column_type: str | None) -> Callable[[Any], Any]:
         return lambda v: float(v) if type(v) is int else v
     if column_type in _INTEGER_TYPES:
         return lambda v: int(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-    return lambda v: v
+    return _identity
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+_identity.identity = True  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -725,6 +754,108 @@ class _SelectPlan:
         return convert(values[0]) if values else None
 
 
+class _PlanCode:
+    """Generates one Python function per select of a plan, with the control flow of
+    `_SelectPlan.rows` unrolled for that select (which guards, columns, children and unions it
+    has), so a resource costs no generic dispatch. Path evaluators stay the compiled closures;
+    the generated code only wires them. `_SelectPlan.rows` remains the reference semantics."""
+
+    def __init__(self) -> None:
+        self.namespace: dict[str, Any] = {"_Undecided": _Undecided}
+        self.source: list[str] = []
+        self.count = 0
+
+    def bind(self, value: Any, prefix: str) -> str:
+        name = f"{prefix}{self.count}"
+        self.count += 1
+        self.namespace[name] = value
+        return name
+
+    def build(self, plan: _SelectPlan) -> Callable[[Any], list[tuple]]:
+        name = self.function(plan)
+        exec(compile("\n".join(self.source), "<fedlab.flatten view plan>", "exec"), self.namespace)  # noqa: S102
+        return self.namespace[name]
+
+    def columns(self, plan: _SelectPlan, item: str, indent: str, may_be_none: bool) -> tuple[list[str], list[str]]:
+        """Statements that compute the plan's columns of `item`, and the names holding them."""
+        lines, names = [], []
+        for path, collection, convert in plan.columns:
+            fn, value = self.bind(path, "_path"), f"_c{self.count}"
+            self.count += 1
+            identity = getattr(convert, "identity", False)
+            conv = "" if identity else self.bind(convert, "_conv")
+            if collection:
+                each = "_x" if identity else f"{conv}(_x)"
+                expr = f"[{each} for _x in {fn}({item})]"
+                lines.append(f"{indent}{value} = ({expr} if {item} is not None else [])" if may_be_none
+                             else f"{indent}{value} = {expr}")
+            else:
+                inner = indent + ("    " if may_be_none else "")
+                if may_be_none:
+                    lines += [f"{indent}{value} = None", f"{indent}if {item} is not None:"]
+                first = "_v[0]" if identity else f"{conv}(_v[0])"
+                lines += [f"{inner}_v = {fn}({item})",
+                          f"{inner}if len(_v) > 1:",
+                          f"{inner}    raise _Undecided('several values in a one-value column')",
+                          f"{inner}{value} = {first} if _v else None"]
+            names.append(value)
+        return lines, names
+
+    @staticmethod
+    def row(names: list[str]) -> str:
+        return "(" + "".join(f"{n}, " for n in names) + ")"
+
+    def guards(self, guards: list[Callable[[Any], bool | None]], item: str) -> str:
+        return " and ".join([f"{item} is not None"] + [f"{self.bind(g, '_guard')}({item}) is True" for g in guards])
+
+    def function(self, plan: _SelectPlan) -> str:
+        children = [self.function(child) for child in plan.children]
+        branches = [None if branch.leaf_guards is not None else self.function(branch) for branch in plan.union]
+        name = f"_select{self.count}"
+        self.count += 1
+        lines = [f"def {name}(node):"]
+        # Only a guarded select without OrNull is sure to see a node; elsewhere the node may be None
+        # (forEachOrNull, or a child select under one).
+        may_be_none = plan.guards is None or plan.or_null
+        if plan.guards is not None:
+            lines.append(f"    if {self.guards(plan.guards, 'node')}:")
+            lines.append("        focus = (node,)")
+            lines.append("    else:")
+            lines.append("        focus = (None,)" if plan.or_null else "        return []")
+        elif plan.for_each is not None:
+            lines.append(f"    focus = {self.bind(plan.for_each, '_each')}(node) if node is not None else []")
+            if plan.or_null:
+                lines.append("    if not focus:")
+                lines.append("        focus = [None]")
+        else:
+            lines.append("    focus = (node,)")
+        lines.append("    out = []")
+        lines.append("    for item in focus:")
+        column_lines, names = self.columns(plan, "item", "        ", may_be_none)
+        lines += column_lines
+        if not children and not plan.union:
+            lines.append(f"        out.append({self.row(names)})")
+        else:
+            lines.append(f"        rows = [{self.row(names)}]")
+            for child in children:
+                lines.append(f"        rows = [_l + _r for _l in rows for _r in {child}(item)]")
+            if plan.union:
+                lines.append("        part = []")
+                for branch, function in zip(plan.union, branches, strict=True):
+                    if function is not None:
+                        lines.append(f"        part += {function}(item)")
+                        continue
+                    lines.append(f"        if {self.guards(branch.leaf_guards or [], 'item')}:")
+                    branch_lines, branch_names = self.columns(branch, "item", "            ", False)
+                    lines += branch_lines
+                    lines.append(f"            part.append({self.row(branch_names)})")
+                lines.append("        rows = [_l + _r for _l in rows for _r in part]")
+            lines.append("        out += rows")
+        lines.append("    return out")
+        self.source.append("\n".join(lines))
+        return name
+
+
 def _plan_select(node: dict[str, Any]) -> _SelectPlan:
     if "repeat" in node:
         raise _Unsupported("repeat")
@@ -763,11 +894,12 @@ class ViewRows:
             self.plan: _SelectPlan | None = _plan_select({"select": view["select"]})
         except _Unsupported:
             self.plan = None
+        self._plan_rows = _PlanCode().build(self.plan) if self.plan is not None else None
 
     def rows(self, resource: dict[str, Any]) -> list[tuple]:
         if self.plan is not None and resource.get("resourceType") == self.resource_type:
             try:
-                return self.plan.rows(resource)
+                return self._plan_rows(resource)  # type: ignore[misc]
             except _Undecided:
                 self.fallbacks += 1
         from fedlab.views.runner import rows_for_resource
@@ -835,19 +967,35 @@ class ViewsEngine:
     def __init__(self, definitions: dict[str, dict[str, Any]] | None = None) -> None:
         from fedlab.views import load_definitions
 
-        views = definitions or load_definitions()
-        self.views = {rtype: ViewRows(views[table]) for rtype, table in TABLE_OF_TYPE.items()}
+        self.definitions = definitions or load_definitions()
+        # Compiled on first use: a typed NDJSON file needs only its own view.
+        self.views: dict[str, ViewRows] = {}
         self.rows: dict[str, list[tuple]] = {rtype: [] for rtype in TABLE_OF_TYPE}
-        observation = self.views["Observation"].columns
-        self._obs_id, self._obs_loinc = observation.index("observation_id"), observation.index("loinc")
+
+    def view(self, rtype: str) -> ViewRows:
+        compiled = self.views.get(rtype)
+        if compiled is None:
+            compiled = self.views[rtype] = ViewRows(self.definitions[TABLE_OF_TYPE[rtype]])
+            if rtype == "Observation":
+                self._obs_id = compiled.columns.index("observation_id")
+                self._obs_loinc = compiled.columns.index("loinc")
+        return compiled
 
     def add(self, rtype: str, resource: dict[str, Any]) -> None:
-        rows = self.views[rtype].rows(resource)
+        self.rows[rtype].extend(self.rows_of(rtype, resource))
+
+    def add_rows(self, rtype: str, rows: list[tuple]) -> None:
+        """Rows computed elsewhere by `rows_of` (on Spark executors)."""
+        self.rows[rtype].extend(rows)
+
+    def rows_of(self, rtype: str, resource: dict[str, Any]) -> list[tuple]:
+        view = self.views.get(rtype) or self.view(rtype)
+        rows = view.rows(resource)
         if rtype == "Observation" and resource.get("component"):
             # The view gives one row per component; each needs its own id in the table.
             rows = [row[:self._obs_id] + (component_row_id(row[self._obs_id], row[self._obs_loinc], index),)
                     + row[self._obs_id + 1:] for index, row in enumerate(rows)]
-        self.rows[rtype].extend(rows)
+        return rows
 
     def frames(self) -> dict[str, pd.DataFrame | None]:
         out: dict[str, pd.DataFrame | None] = {}
@@ -855,7 +1003,7 @@ class ViewsEngine:
             if not rows:
                 out[rtype] = None
                 continue
-            frame = pd.DataFrame.from_records(rows, columns=self.views[rtype].columns)
+            frame = pd.DataFrame.from_records(rows, columns=self.view(rtype).columns)
             out[rtype] = VIEW_DERIVE[rtype](frame.astype("object").where(frame.notna(), None))
         return out
 
@@ -867,31 +1015,41 @@ class ViewsEngine:
 # ---- unit harmonization ------------------------------------------------------------------
 
 def harmonize_observations(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict[str, int]]]:
-    """Add concept, value_canonical, unit_canonical and flag; convert with pint per (LOINC, unit)."""
+    """Add concept, value_canonical, unit_canonical and flag; convert with pint per (LOINC, unit).
+
+    The concept columns come from dict lookups over the whole column; each (LOINC, unit) group is
+    then converted as one array, so pint runs once per group, not once per value."""
     concepts = hz.observation_map().concepts
     obs = obs.copy()
-    obs["concept"] = obs["loinc"].map(lambda code: concepts[code].concept if code in concepts else None)
-    obs["unit_canonical"] = obs["loinc"].map(lambda code: concepts[code].unit_canonical if code in concepts else None)
-    obs["value_canonical"] = np.nan
-    obs["flag"] = "unknown_code"
+    concept = obs["loinc"].map({code: lab.concept for code, lab in concepts.items()}).astype("object")
+    obs["concept"] = concept.where(concept.notna(), None)
+    canonical = obs["loinc"].map({code: lab.unit_canonical for code, lab in concepts.items()}).astype("object")
+    obs["unit_canonical"] = canonical.where(canonical.notna(), None)
+    value_canonical = np.full(len(obs), np.nan)
+    flag = np.full(len(obs), "unknown_code", dtype=object)
+    values = obs["value"].to_numpy(dtype="float64")
     units_seen: dict[str, dict[str, int]] = {}
-    known = obs[obs["concept"].notna()]
-    groups = known.groupby([known["loinc"], known["unit"].fillna("")], sort=True).groups
-    for (loinc, unit), idx in groups.items():
+    known = np.flatnonzero(concept.notna().to_numpy())
+    keys = pd.DataFrame({"loinc": obs["loinc"].to_numpy()[known],
+                         "unit": obs["unit"].fillna("").to_numpy()[known]})
+    for (loinc, unit), members in sorted(keys.groupby(["loinc", "unit"], sort=True).indices.items()):
+        positions = known[members]
         lab = concepts[loinc]
         seen = units_seen.setdefault(lab.concept, {})
-        seen[unit or "(none)"] = seen.get(unit or "(none)", 0) + len(idx)
-        values = obs.loc[idx, "value"].to_numpy(dtype="float64")
+        seen[unit or "(none)"] = seen.get(unit or "(none)", 0) + len(positions)
         if unit == lab.unit_canonical:
-            obs.loc[idx, "value_canonical"], obs.loc[idx, "flag"] = values, lab.flag
+            value_canonical[positions], flag[positions] = values[positions], lab.flag
             continue
         try:
             if not unit:
                 raise ValueError("no unit")
-            obs.loc[idx, "value_canonical"] = hz.convert(values, unit, lab.unit_canonical, lab.molar_mass_g_per_mol)
-            obs.loc[idx, "flag"] = "converted"
+            value_canonical[positions] = hz.convert(values[positions], unit, lab.unit_canonical,
+                                                    lab.molar_mass_g_per_mol)
+            flag[positions] = "converted"
         except ValueError:
-            obs.loc[idx, "flag"] = "unknown_unit"
+            flag[positions] = "unknown_unit"
+    obs["value_canonical"] = value_canonical
+    obs["flag"] = flag
     return obs, units_seen
 
 
@@ -909,11 +1067,19 @@ def _open_text(path: Path):
 
 def _ndjson_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed resource or None, parse error) for each non-blank line."""
-    loads = json.loads
+    fast_loads, loads = orjson.loads, json.loads
     with _open_text(path) as handle:
         for lineno, raw in enumerate(handle, start=1):
             if raw.isspace() or not raw:
                 continue
+            # orjson parses a line several times faster than json. It is stricter (no NaN, no
+            # integers beyond 64 bits, no lone surrogates): whatever it refuses goes through
+            # json.loads, which decides, so values and error messages stay those of the standard library.
+            try:
+                yield lineno, fast_loads(raw), None
+                continue
+            except orjson.JSONDecodeError:
+                pass
             try:
                 yield lineno, loads(raw), None
             except json.JSONDecodeError as err:
@@ -947,31 +1113,54 @@ def make_engine(engine: str) -> FhiryEngine | ViewsEngine:
 def flatten_sources(sources: list[_Source], bundles: bool = False, engine: str = "views") -> FlattenResult:
     """Check every item, flatten the valid ones with `engine`, derive and harmonize the tables."""
     flattener = make_engine(engine)
-    quarantine: list[dict[str, Any]] = []
-    files: list[dict[str, Any]] = []
-    seen_ids: dict[str, set[str]] = {t: set() for t in TABLE_OF_TYPE}
+    ledger = _Ledger()
     for source in sources:
-        stats = {"file": source.path.name, "type": source.expected_type, "lines": 0, "resources": 0,
-                 "quarantined": 0, "ignored_types": 0}
+        stats = ledger.open(source)
         items = _bundle_items(source.path) if bundles else _ndjson_items(source.path)
         for lineno, resource, error in items:
-            stats["lines"] += 1
             reason = error or check_resource(resource, source.expected_type)
             rtype = resource.get("resourceType") if isinstance(resource, dict) else None
-            if reason is None and rtype in seen_ids and resource["id"] in seen_ids[rtype]:
-                reason = f"duplicate {rtype} id {resource['id']}"
-            if reason:
-                quarantine.append({"file": source.path.name, "line": lineno, "reason": reason})
-                stats["quarantined"] += 1
-                continue
-            stats["resources"] += 1
-            if rtype not in TABLE_OF_TYPE:
-                stats["ignored_types"] += 1  # counted as read; not part of the tidy tables
-                continue
-            seen_ids[rtype].add(resource["id"])
-            flattener.add(rtype, resource)
-        files.append(stats)
+            rid = resource.get("id") if reason is None else None
+            if ledger.admit(stats, lineno, reason, rtype, rid):
+                flattener.add(rtype, resource)  # type: ignore[arg-type]
+    return _finish(flattener, ledger)
 
+
+class _Ledger:
+    """Line accounting shared by both runners: every line is a resource or quarantined, ids are
+    unique per type (the first occurrence, in file and line order, wins), other types are ignored."""
+
+    def __init__(self) -> None:
+        self.quarantine: list[dict[str, Any]] = []
+        self.files: list[dict[str, Any]] = []
+        self.seen_ids: dict[str, set[str]] = {t: set() for t in TABLE_OF_TYPE}
+
+    def open(self, source: _Source) -> dict[str, Any]:
+        stats = {"file": source.path.name, "type": source.expected_type, "lines": 0, "resources": 0,
+                 "quarantined": 0, "ignored_types": 0}
+        self.files.append(stats)
+        return stats
+
+    def admit(self, stats: dict[str, Any], lineno: int, reason: str | None, rtype: str | None,
+              rid: Any) -> bool:
+        """Count one line; True when its resource belongs in a table."""
+        stats["lines"] += 1
+        seen = self.seen_ids.get(rtype)  # type: ignore[arg-type]
+        if reason is None and seen is not None and rid in seen:
+            reason = f"duplicate {rtype} id {rid}"
+        if reason:
+            self.quarantine.append({"file": stats["file"], "line": lineno, "reason": reason})
+            stats["quarantined"] += 1
+            return False
+        stats["resources"] += 1
+        if seen is None:
+            stats["ignored_types"] += 1  # counted as read; not part of the tidy tables
+            return False
+        seen.add(rid)
+        return True
+
+
+def _finish(flattener: FhiryEngine | ViewsEngine, ledger: _Ledger) -> FlattenResult:
     tables = {}
     for rtype, frame in flattener.frames().items():
         table = TABLE_OF_TYPE[rtype]
@@ -980,7 +1169,127 @@ def flatten_sources(sources: list[_Source], bundles: bool = False, engine: str =
     tables["observation"], units = harmonize_observations(tables["observation"])
     for table in tables:
         tables[table] = _conform(tables[table], SCHEMAS[table])
-    return FlattenResult(tables, quarantine, files, units)
+    return FlattenResult(tables, ledger.quarantine, ledger.files, units)
+
+
+# ---- runner `spark`: the views engine on a Spark session ---------------------------------
+#
+# Executors read the NDJSON (`textFile`, gzip by extension, lines split as Python splits them),
+# parse, check and run the compiled ViewDefinitions per line, so malformed lines are quarantined
+# there too. What needs the whole site in file order, the duplicate-id rule and the accounting,
+# runs on the driver over the collected per-line records (a few fields and the flat rows, far
+# smaller than the JSON), followed by the same derivation, harmonization and Parquet writing as
+# the pandas runner, so both runners write identical tables.
+
+def flatten_ndjson_spark(spark: SparkSession, paths: list[Path], types: dict[str, str] | None = None
+                         ) -> FlattenResult:
+    """`flatten_ndjson` with the views engine, the per-line work done by Spark executors."""
+    from fedlab.views import load_definitions
+    from fedlab.views.spark import use_driver_python_locally
+
+    types = types or {}
+    sources = [_Source(Path(p), types.get(Path(p).name) or _type_from_name(Path(p).name)) for p in paths]
+    for source in sources:
+        if not source.path.is_file():
+            raise FlattenError(f"NDJSON input not found: {source.path}")
+    definitions = load_definitions()
+    engine = ViewsEngine(definitions)
+    ledger = _Ledger()
+    if not sources:
+        return _finish(engine, ledger)
+    use_driver_python_locally(spark)
+    context = spark.sparkContext
+    parts = [context.textFile(str(source.path.resolve())).mapPartitionsWithIndex(
+        functools.partial(_spark_lines, index, source.expected_type, definitions))
+        for index, source in enumerate(sources)]
+    try:
+        records = context.union(parts).collect()
+    except Exception as error:  # py4j / PythonException: name the input instead of a JVM trace
+        message = str(error).strip().splitlines()
+        raise FlattenError(f"Spark could not flatten {', '.join(str(s.path) for s in sources)}: "
+                           f"{message[-1] if message else type(error).__name__}") from None
+    records, last_line = _number_lines(records)
+    stats = [ledger.open(source) for source in sources]
+    for file_index, lineno, reason, rtype, rid, rows in records:
+        if isinstance(reason, tuple):  # malformed JSON: the message depends on a final newline
+            reason = reason[1] if lineno == last_line[file_index] and not _ends_with_newline(
+                sources[file_index].path) else reason[0]
+        if ledger.admit(stats[file_index], lineno, reason, rtype, rid):
+            engine.add_rows(rtype, rows)
+    return _finish(engine, ledger)
+
+
+def _spark_lines(file_index: int, expected_type: str | None, definitions: dict[str, dict[str, Any]],
+                 partition: int, lines: Iterable[str]) -> Iterator[tuple]:
+    """On an executor: (file, partition, line in partition, reason, resourceType, id, rows) per
+    non-blank line, then (file, partition, None, line count) so the driver can number the lines
+    (`zipWithIndex` would cost one extra Spark job per file)."""
+    engine = ViewsEngine(definitions)  # views compile once per Python worker (compile_view caches)
+    count = 0
+    for local, text in enumerate(lines):
+        count += 1
+        if not text or text.isspace():
+            continue
+        try:
+            resource = _loads_line(text)
+        except json.JSONDecodeError:
+            # The pandas runner reads lines with their newline, which moves some error positions:
+            # keep both messages; the driver knows which line is the file's last.
+            yield file_index, partition, local, (_json_error(text + "\n"), _json_error(text)), None, None, None
+            continue
+        reason = check_resource(resource, expected_type)
+        if reason:
+            yield file_index, partition, local, reason, None, None, None
+            continue
+        rtype = resource.get("resourceType")
+        rows = engine.rows_of(rtype, resource) if rtype in TABLE_OF_TYPE else None
+        yield file_index, partition, local, None, rtype, resource.get("id"), rows
+    yield file_index, partition, None, count, None, None, None
+
+
+def _number_lines(records: list[tuple]) -> tuple[list[tuple], dict[int, int]]:
+    """(file, line number, reason, resourceType, id, rows) in file and line order, and the number
+    of lines of each file."""
+    counts = {(r[0], r[1]): r[3] for r in records if r[2] is None}
+    offsets: dict[tuple[int, int], int] = {}
+    running: dict[int, int] = {}
+    for file_index, partition in sorted(counts):
+        offsets[(file_index, partition)] = running.get(file_index, 0)
+        running[file_index] = running.get(file_index, 0) + counts[(file_index, partition)]
+    numbered = [(r[0], offsets[(r[0], r[1])] + r[2] + 1, *r[3:]) for r in records if r[2] is not None]
+    numbered.sort(key=lambda record: (record[0], record[1]))
+    return numbered, running
+
+
+def _loads_line(text: str) -> Any:
+    """orjson where it accepts the line, else json (which then decides what the value or error is)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _json_error(text: str) -> str:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"malformed JSON: {err.msg} at column {err.colno}"
+    return "malformed JSON"
+
+
+def _ends_with_newline(path: Path) -> bool:
+    if path.suffix == ".gz":
+        tail = b""
+        with gzip.open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                tail = block[-1:]
+        return tail in (b"\n", b"\r")
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() == 0:
+            return False
+        handle.seek(-1, 2)
+        return handle.read(1) in (b"\n", b"\r")
 
 
 def _conform(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
@@ -1071,14 +1380,18 @@ def write_tables(result: FlattenResult, out: Path, info: dict[str, Any]) -> Path
     return out
 
 
-def flatten_site(folder: Path, out: Path, site: str | None = None, engine: str = "views") -> Path:
+def flatten_site(folder: Path, out: Path, site: str | None = None, engine: str = "views",
+                 spark: SparkSession | None = None) -> Path:
+    """Flatten one export folder into `out`; with `spark`, the views engine runs on that session."""
     if not folder.is_dir():
         raise FlattenError(f"export folder not found: {folder}" + (f" (site {site})" if site else ""))
+    if spark is not None and engine != "views":
+        raise FlattenError(f"flatten.runner 'spark' runs the views engine only, not {engine!r}")
     started = time.perf_counter()
     paths, types = export_files(folder)
-    result = flatten_ndjson(paths, types, engine)
-    info = {"site": site, "engine": engine, "source": str(folder),
-            "seconds": round(time.perf_counter() - started, 3)}
+    result = flatten_ndjson_spark(spark, paths, types) if spark is not None else flatten_ndjson(paths, types, engine)
+    info = {"site": site, "engine": engine, "runner": "spark" if spark is not None else "pandas",
+            "source": str(folder), "seconds": round(time.perf_counter() - started, 3)}
     return write_tables(result, out, info)
 
 
@@ -1090,6 +1403,9 @@ def flatten(exp: Experiment, run: str | None = None, sites: list[str] | None = N
     for site in site_ids:
         exp.site(site)  # unknown site -> ConfigError naming the config
     engine = exp.flatten.engine
+    if exp.flatten.runner == "spark" and engine != "views":
+        raise FlattenError(f"flatten.runner 'spark' runs the views engine only; flatten.engine is {engine!r}")
+    spark = None
     outputs: dict[str, Path] = {}
     iterator: Iterable[str] = site_ids
     if progress:
@@ -1101,7 +1417,11 @@ def flatten(exp: Experiment, run: str | None = None, sites: list[str] | None = N
         if is_complete(out) and not force and _made_by(out, engine):
             outputs[site] = out
             continue
-        outputs[site] = flatten_site(exp.data_path("export", run, site), out, site, engine)
+        if exp.flatten.runner == "spark" and spark is None:
+            from fedlab.spark import get_spark
+
+            spark = get_spark(exp)  # one session for every site
+        outputs[site] = flatten_site(exp.data_path("export", run, site), out, site, engine, spark)
     return outputs
 
 

@@ -118,13 +118,30 @@ def comparisons(table: dict[tuple[str, str, str], dict[str, float]], sites: list
 
 # ---------- markdown ----------
 
-def results_markdown(exp: Experiment, results: dict[str, Any], figures: list[str]) -> str:
-    sites = exp.site_ids
+def _skipped_sites_lines(exp: Experiment, run: str | None) -> list[str]:
+    """Sites the features stage skipped (task.on_site_error: skip), with the recorded reason."""
+    records = {site: exp.data_path("features", run, site) / "_SKIPPED.json" for site in exp.site_ids}
+    skipped = {site: read_json(path).get("reason", "?") for site, path in records.items() if path.is_file()}
+    if not skipped:
+        return []
+    return ["Sites without features (skipped by the features stage, left out of training):", "",
+            *[f"- `{site}`: {reason}" for site, reason in skipped.items()], ""]
+
+
+def trained_sites(exp: Experiment, results: dict[str, Any]) -> list[str]:
+    """The configured sites that took part in training, in config order (skipped sites are not)."""
+    trained = results.get("sites") or {}
+    return [site for site in exp.site_ids if site in trained] or list(exp.site_ids)
+
+
+def results_markdown(exp: Experiment, results: dict[str, Any], figures: list[str], run: str | None = None) -> str:
+    sites = trained_sites(exp, results)
     table = bootstrap_summary(results)
     lines = [f"# Results: {exp.name}", "", exp.description, "",
              f"Task: `{exp.task.name}` (outcome `{exp.task.outcome}`, horizon {exp.task.horizon_years:g} y, "
              f"look-back {exp.task.lookback_years:g} y, age ≥ {exp.task.min_age}). Model `{exp.train.model}`, "
              f"{exp.train.rounds} rounds × {exp.train.local_steps} local steps, seeds {exp.train.seeds}.", ""]
+    lines += _skipped_sites_lines(exp, run)
     lines += _sites_section(exp, results)
     lines += [f"## {PRIMARY_METRIC.upper()} on each site's test set (mean [95% CI])", "",
               f"CI method: {results.get('ci_method', 't-interval over seeds')}", ""]
@@ -252,7 +269,7 @@ def communication_saving(results: dict[str, Any]) -> float | None:
 
 
 def _claims_section(exp: Experiment, results: dict[str, Any], table: dict) -> list[str]:
-    sites = exp.site_ids
+    sites = trained_sites(exp, results)
     base = own_and_off_site(table, sites)
     fed = per_site_mean(table, "fedavg", sites)
     gain = 100 * (fed - base["local_own_site"]) / base["local_own_site"] if base["local_own_site"] else float("nan")
@@ -280,11 +297,12 @@ def make_figures(exp: Experiment, results: dict[str, Any], out_dir: Path) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     table = bootstrap_summary(results)
     written = []
-    fig = _auroc_bars(plt, table, exp.site_ids + ["pooled"])
+    sites = trained_sites(exp, results)
+    fig = _auroc_bars(plt, table, sites + ["pooled"])
     written += _save(fig, out_dir, "auroc_by_site")
     plt.close(fig)
     if any(m == "local" for m, _, _ in table):
-        fig = _kxk_heatmap(plt, table, exp.site_ids)
+        fig = _kxk_heatmap(plt, table, sites)
         written += _save(fig, out_dir, "local_kxk_auroc")
         plt.close(fig)
     if results.get("comm_curve"):
@@ -454,7 +472,7 @@ def write_report(exp: Experiment, run: str | None = None) -> Path:
         raise FedlabError(f"{results_path}: expected an object with a 'rows' list")
     figures = make_figures(exp, results, out / "figures")
     with atomic_open(out / "results.md", "w", encoding="utf-8") as handle:
-        handle.write(results_markdown(exp, results, figures))
+        handle.write(results_markdown(exp, results, figures, run))
     manifest = build_manifest(exp, run, results)
     write_json(out / "manifest.json", manifest)
     write_html(out / "results.md", out / "report.html", manifest)

@@ -23,9 +23,15 @@
 # Each step is one function of the `fedlab` package (and one `fedlab` CLI verb, and one of the
 # notebooks 01–06, which show each step in detail). Every step writes files that the next step
 # reads, so you can stop here and open any of them.
+#
+# **Toy size.** By default this runs `configs/toy.yaml`: three small hospitals, one training seed,
+# ten federated rounds, so it finishes in a couple of minutes and its numbers only illustrate.
+# For the fuller run (four hospitals, three seeds, tighter confidence intervals) set
+# `config = "../configs/quickstart.yaml"`, or run `make demo`. Steps whose outputs already exist
+# are not redone (set `force = True` to redo them).
 
 # %% tags=["parameters"]
-config = "../configs/quickstart.yaml"
+config = "../configs/toy.yaml"
 run = ""
 force = False
 overrides = ""
@@ -90,4 +96,5 @@ Markdown(report_md.read_text())
 # %% [markdown]
 # ## Questions
 # 1. Which site's Local model generalizes worst to the other sites, and why might that be?
-# 2. Re-run with `train.rounds` doubled (`fedlab train --config ... --set train.rounds=30`): does FedAvg close the gap to Pooled?
+# 2. Re-run with `train.rounds` doubled (`fedlab train --config ../configs/toy.yaml --set train.rounds=20`): does FedAvg close the gap to Pooled?
+# 3. Run the same notebook with `config = "../configs/quickstart.yaml"`: which confidence intervals shrink, and why?

@@ -56,3 +56,12 @@ def test_views_test_verb_prints_pass_rates(reference_dir: Path, capsys: pytest.C
     report = json.loads(capsys.readouterr().out)
     assert report["cases"] == 134 and report["pass_rate"] >= 0.95 and report["shareable_pass_rate"] >= 0.95
     assert main(["views", "test", str(suite), "--min-pass-rate", "1.01"]) == 2
+
+
+def test_reproduce_parallel_is_parsed_and_checked(smoke_experiment, capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["reproduce", "--config", "configs/smoke.yaml", "--parallel", "3"])
+    assert args.parallel == 3
+    assert build_parser().parse_args(["reproduce", "--config", "configs/smoke.yaml"]).parallel == 1
+    assert main(["reproduce", "--config", str(smoke_experiment.source), "--parallel", "0"]) == 2
+    assert "--parallel must be at least 1, not 0" in capsys.readouterr().err
+    assert not smoke_experiment.report_path().exists(), "nothing may run before the check"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = {"id": "alpha", "patients": 10, "seed": 1}
 
 
-@pytest.mark.parametrize("name", ["quickstart", "smoke", "paper"])
+@pytest.mark.parametrize("name", ["quickstart", "smoke", "paper", "toy"])
 def test_shipped_configs_load(name: str) -> None:
     exp = load_experiment(ROOT / "configs" / f"{name}.yaml")
     assert exp.name == name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -11,9 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedlab.config import experiment_from_dict
-from fedlab.features import FeatureError, FeatureWarning, build_features, feature_names
+from fedlab.features import (
+    FeatureError,
+    FeatureWarning,
+    build_features,
+    feature_names,
+    skipped_sites,
+    write_skipped,
+)
+from fedlab.federated.data import FeatureDataError, SkippedSiteWarning, load_sites
 from fedlab.flatten import SCHEMAS
-from fedlab.io import read_json
+from fedlab.io import is_complete, read_json
 
 INDEX = pd.Timestamp("2020-01-01T09:00:00Z")
 DAY = pd.Timedelta(days=1)
@@ -252,3 +261,74 @@ def test_empty_cohort_warns_and_writes_empty_features(spark, tmp_path):
         out = build_features(exp, sites=["a"], spark=spark)["a"]
     frame = pd.read_parquet(out / "features.parquet")
     assert frame.empty and list(frame.columns)[3:] == feature_names(exp.task)
+
+
+def single_class_site() -> Site:
+    s = Site()
+    s.patient("z1"); s.encounter("z1", "z1e", INDEX)  # noqa: E702
+    s.encounter("z1", "z1-late", pd.Timestamp("2025-01-01T00:00:00Z"), type_code="1")
+    return s
+
+
+@pytest.fixture(scope="module")
+def skipping(spark, tmp_path_factory):
+    """Four sites under on_site_error: skip: two good, one single-class, one lacking a column."""
+    exp = experiment_from_dict({
+        "name": "t", "seed": 5, "data_dir": str(tmp_path_factory.mktemp("skip") / "data"),
+        "sites": [{"id": s, "patients": 2, "seed": k} for k, s in enumerate(("a", "b", "one_class", "no_col"))],
+        "task": {"outcome": "t2d", "min_age": 18, "lookback_years": 2, "horizon_years": 1, "on_site_error": "skip"},
+    })
+    leakage_site().write(exp.data_path("tables", None, "a"))
+    sparse_site().write(exp.data_path("tables", None, "b"))
+    single_class_site().write(exp.data_path("tables", None, "one_class"))
+    leakage_site().write(exp.data_path("tables", None, "no_col"), drop=("observation", "value_canonical"))
+    with pytest.warns(FeatureWarning) as caught:
+        outs = build_features(exp, spark=spark)
+    return exp, outs, [str(w.message) for w in caught]
+
+
+def test_skip_writes_a_record_instead_of_features(skipping):
+    exp, outs, messages = skipping
+    assert sorted(outs) == ["a", "b"]
+    no_col, one_class = (exp.data_path("features", None, s) for s in ("no_col", "one_class"))
+    assert read_json(no_col / "_SKIPPED.json")["reason"].startswith("site no_col: ")
+    assert "lacks column(s) value_canonical" in read_json(no_col / "_SKIPPED.json")["reason"]
+    assert "every row has label 0" in read_json(one_class / "_SKIPPED.json")["reason"]
+    for folder in (no_col, one_class):
+        assert not (folder / "features.parquet").exists()
+        assert is_complete(folder) and read_json(folder / "_SUCCESS.json")["skipped"] is True
+    assert any(m.startswith("site no_col skipped") and "value_canonical" in m for m in messages)
+    assert any(m.startswith("site one_class skipped") and "label 0" in m for m in messages)
+    assert skipped_sites(exp) == {s: read_json(exp.data_path("features", None, s) / "_SKIPPED.json")["reason"]
+                                  for s in ("one_class", "no_col")}
+
+
+def test_skipped_sites_do_not_change_the_others(skipping, built):
+    _, outs, _ = skipping
+    _, alone, _ = built  # the same two sites built without the skipped ones
+    for site in ("a", "b"):
+        assert (outs[site] / "features.parquet").read_bytes() == (alone[site] / "features.parquet").read_bytes()
+
+
+def test_skipped_site_counts_as_done(skipping, spark, recwarn):
+    exp, outs, _ = skipping
+    record = (exp.data_path("features", None, "no_col") / "_SKIPPED.json").read_bytes()
+    assert build_features(exp, spark=spark) == outs  # nothing rebuilt, nothing warned again
+    assert not [w for w in recwarn if issubclass(w.category, FeatureWarning)]
+    assert (exp.data_path("features", None, "no_col") / "_SKIPPED.json").read_bytes() == record
+
+
+def test_training_loader_leaves_skipped_sites_out(skipping, tmp_path):
+    exp, _, _ = skipping
+    with pytest.warns(SkippedSiteWarning, match=r"site 'no_col' left out of training.*value_canonical"):
+        sites = load_sites(exp, methods=["local", "fedavg"])
+    assert [s.site for s in sites] == ["a", "b"]
+    # with one site left, local training still runs and federated methods stop with a clear error
+    config = exp.model_dump(mode="json")
+    shutil.copytree(exp.data_path("features", None, "a").parent.parent, tmp_path / "data" / "features")
+    exp = experiment_from_dict({**config, "data_dir": str(tmp_path / "data")})
+    write_skipped(exp.data_path("features", None, "b"), "b", "site b: test", exp.task.name)
+    with pytest.warns(SkippedSiteWarning):
+        assert [s.site for s in load_sites(exp, methods=["local"])] == ["a"]
+    with pytest.warns(SkippedSiteWarning), pytest.raises(FeatureDataError, match=r"\['fedavg'\] need at least 2.*no_col"):
+        load_sites(exp, methods=["local", "fedavg"])

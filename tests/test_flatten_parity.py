@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from fedlab.config import experiment_from_dict
@@ -143,3 +144,60 @@ def test_compiled_views_match_the_reference_runner(generated: dict[str, Path], r
         expected = [tuple(r[c] for c in compiled.columns) for r in run_view(view, resources)]
         assert rows == expected, table
         assert len(rows) > 0, table
+
+
+# ---- runners: the views engine in pandas and on Spark ------------------------------------------
+
+def _spark_export(source: Path, folder: Path) -> int:
+    """The site's bulk files as an export folder, with bad lines of each kind, one gzip file, a blank
+    line, and a malformed last line without a final newline."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    for path in _table_files(source):
+        shutil.copy(path, folder / path.name)
+    condition = folder / "Condition.ndjson"
+    (folder / "Condition.ndjson.gz").write_bytes(gzip.compress(condition.read_bytes()))
+    condition.unlink()
+    lines = (folder / "Observation.ndjson").read_text().splitlines()
+    first = json.loads(lines[0])
+    unknown_unit = {**json.loads(lines[1]), "id": "odd-unit", "valueQuantity": {"value": 3, "code": "furlong"}}
+    bad = ["{not json", '{"resourceType": "Patient", "id": "stray"}', lines[0], "",
+           json.dumps({**first, "id": "no-date", "effectiveDateTime": "yesterday"}), json.dumps(unknown_unit)]
+    (folder / "Observation.ndjson").write_text("\n".join(lines[:5] + bad + lines[5:]) + '\n{"resourceType": "Observation"')
+    return len(lines) + len(bad) + 1
+
+
+def test_spark_runner_writes_the_same_site(generated: dict[str, Path], tmp_path: Path, spark) -> None:
+    from fedlab.flatten import FlattenError, flatten
+
+    runs = {}
+    for runner in ("pandas", "spark"):
+        exp = experiment_from_dict({"name": "runners", "data_dir": str(tmp_path / runner),
+                                    "flatten": {"runner": runner},
+                                    "sites": [{"id": "a", "patients": 20, "seed": 6}]})
+        last_line = _spark_export(generated["icd_mmol"], exp.data_path("export", None, "a"))
+        runs[runner] = flatten(exp, progress=False)["a"]
+    pandas_out, spark_out = runs["pandas"], runs["spark"]
+    assert json.loads((spark_out / "_SUCCESS.json").read_text())["runner"] == "spark"
+    for table in SCHEMAS:
+        left, right = pq.read_table(pandas_out / f"{table}.parquet"), pq.read_table(spark_out / f"{table}.parquet")
+        assert left.num_rows > 0 and left.equals(right), table
+    for name in ("harmonization.json", "quarantine.ndjson"):
+        assert (pandas_out / name).read_text() == (spark_out / name).read_text(), name
+    quarantine = [json.loads(line) for line in (spark_out / "quarantine.ndjson").read_text().splitlines()]
+    assert [(q["file"], q["line"]) for q in quarantine] == [("Observation.ndjson", n) for n in (6, 7, 8, 10, last_line)]
+    # Without a final newline the error is at the end of the line, not at the start of the next.
+    assert quarantine[-1]["reason"] == "malformed JSON: Expecting ',' delimiter at column 31"
+    report = json.loads((spark_out / "harmonization.json").read_text())
+    assert report["reconciliation"]["balanced"] and report["tables"]["observation"]["flags"]["unknown_unit"] >= 1
+
+    # Bad input on the Spark runner: clear errors naming the file or the setting.
+    with pytest.raises(FlattenError, match="views engine only"):
+        flatten(experiment_from_dict({"name": "runners", "data_dir": str(tmp_path / "spark"),
+                                      "flatten": {"runner": "spark", "engine": "fhiry"},
+                                      "sites": [{"id": "a", "patients": 2, "seed": 1}]}), progress=False)
+    from fedlab.flatten import flatten_ndjson_spark
+
+    with pytest.raises(FlattenError, match="not found: .*Missing.ndjson"):
+        flatten_ndjson_spark(spark, [tmp_path / "Missing.ndjson"])

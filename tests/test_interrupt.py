@@ -5,13 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+import psutil
 import pytest
+from helpers import smoke_experiment_in
+from test_notebooks import MARKER, comparable_results, marked_processes, smoke_run  # noqa: F401 (fixture)
+
+from fedlab.io import read_json, write_json
+from fedlab.pipeline import STAGES, plan
 
 CONFIG = {
     "name": "killed", "seed": 3,
@@ -60,3 +68,80 @@ def test_generate_killed_midway_then_rerun_matches_clean_run(tmp_path: Path) -> 
     assert _digest(a) == _digest(b)
     leftovers = [p.name for p in b.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"staging folders left behind: {leftovers}"
+
+
+def _copy_cached_stages(source_exp, target_exp, stages: tuple[str, ...], data_dirs: tuple[str, ...]) -> None:
+    """Give the target run the finished early stages of the source run: their data, executed
+    notebooks and stamps (stamps hash config and code, not paths), so `reproduce` starts later."""
+    for data_dir in data_dirs:
+        shutil.copytree(source_exp.data_path(data_dir, None), target_exp.data_path(data_dir, None))
+    book = read_json(source_exp.report_path() / "stamps.json")
+    notebooks = target_exp.report_path() / "notebooks"
+    notebooks.mkdir(parents=True)
+    for stage in STAGES:
+        if stage.name in stages:
+            shutil.copy(source_exp.report_path() / "notebooks" / stage.notebook, notebooks / stage.notebook)
+    write_json(target_exp.report_path() / "stamps.json", {s: book[s] for s in stages})
+
+
+def _wait_until_gone(marker: str, seconds: float) -> list[psutil.Process]:
+    """Processes of the killed run still alive after `seconds` (kernels run in their own session;
+    they exit when their parent dies, and their JVM when its stdin closes)."""
+    deadline = time.time() + seconds
+    alive = marked_processes(marker)
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = marked_processes(marker)
+    return alive
+
+
+def _spark_is_running(exp, marker: str) -> bool:
+    """The features stage has started and its kernel's Spark JVM is up."""
+    stamps = exp.report_path() / "stamps.json"
+    try:
+        started = "features" in read_json(stamps)
+    except (OSError, ValueError):
+        return False
+    return started and bool(marked_processes(marker, "java"))
+
+
+@pytest.mark.slow
+def test_reproduce_killed_during_features_then_rerun_matches_clean_run(smoke_run, tmp_path: Path) -> None:  # noqa: F811
+    """SIGKILL the whole `fedlab reproduce` process group while Spark builds features (generate,
+    export and flatten are taken from the shared uninterrupted run), rerun, compare outputs."""
+    exp = smoke_experiment_in(tmp_path)
+    _copy_cached_stages(smoke_run.exp, exp, ("generate", "export", "flatten"), ("synthea", "export", "tables"))
+    assert plan(exp, exp.name, [], None)[0]["action"] == "skip", "the copied stages are not reused"
+    marker = f"killed-{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, MARKER: marker}
+    command = [sys.executable, "-m", "fedlab.cli", "reproduce", "--config", str(exp.source)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    last = exp.data_path("features", None, exp.site_ids[-1]) / "_SUCCESS.json"
+    deadline = time.time() + 600
+    while not _spark_is_running(exp, marker) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(2)  # let Spark start on the sites' jobs
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not last.exists(), "the kill did not land inside the features stage"
+    assert read_json(exp.report_path() / "stamps.json")["features"].keys() == {"started"}
+    leftovers = _wait_until_gone(marker, 30)
+    for process in leftovers:
+        process.kill()
+    assert not leftovers, f"processes outlived the killed run: {[p.info['name'] for p in leftovers]}"
+
+    said = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert said.returncode == 0, said.stderr[-2000:]
+    assert "features: resume" in said.stdout and "flatten: cached" in said.stdout
+    for site in exp.site_ids:
+        rebuilt = pd.read_parquet(exp.data_path("features", None, site) / "features.parquet")
+        pd.testing.assert_frame_equal(rebuilt, smoke_run.features[site])
+    assert comparable_results(read_json(exp.report_path() / "results.json")) == smoke_run.results
+    assert all(s["action"] == "skip" for s in plan(exp, exp.name, [], None))
+    staging = [p.name for p in exp.data_path("features", None).iterdir() if p.name.startswith(".")]
+    assert not staging, f"staging folders left behind: {staging}"
+    leftovers = _wait_until_gone(marker, 10)
+    for process in leftovers:
+        process.kill()
+    assert not leftovers, f"processes outlived the rerun: {[p.info['name'] for p in leftovers]}"

@@ -4,19 +4,32 @@ jupytext twins, and the whole pipeline runs under papermill at smoke size."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nbformat
+import pandas as pd
 import psutil
 import pytest
 
 from fedlab.errors import FedlabError
-from fedlab.io import read_json
-from fedlab.pipeline import PIPELINE_NOTEBOOKS, plan, reproduce, run_notebook
+from fedlab.io import read_json, write_json
+from fedlab.pipeline import (
+    MEMORY_HEADROOM,
+    PIPELINE_NOTEBOOKS,
+    available_memory_mb,
+    parallel_workers,
+    plan,
+    reproduce,
+    run_notebook,
+    site_memory_mb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -73,26 +86,63 @@ def test_failing_notebook_is_named_with_its_cell(tmp_path: Path, smoke_experimen
 MARKER = "FEDLAB_TEST_RUN"
 
 
-def _orphan_workers(marker: str) -> list[psutil.Process]:
-    """Live worker_binary processes started by this test's kernels (they inherit its marker)."""
+def marked_processes(marker: str, name_part: str = "") -> list[psutil.Process]:
+    """Live processes started under `marker` (kernels, their JVMs and TFF workers inherit it)."""
     found = []
     for proc in psutil.process_iter(["name", "status"]):
-        if "worker_binary" not in (proc.info["name"] or "") or proc.info["status"] == psutil.STATUS_ZOMBIE:
+        if name_part not in (proc.info["name"] or "") or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         try:
-            if proc.environ().get(MARKER) == marker:
+            if proc.pid != os.getpid() and proc.environ().get(MARKER) == marker:
                 found.append(proc)
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue
     return found
 
 
-@pytest.mark.slow
-def test_reproduce_smoke_end_to_end(smoke_experiment, monkeypatch: pytest.MonkeyPatch) -> None:
+def comparable_results(results: dict) -> dict:
+    """results.json without its wall-clock timings and the paths of the feature files it read."""
+    sites = {site: {k: v for k, v in entry.items() if k != "path"} for site, entry in results["sites"].items()}
+    return {**{k: v for k, v in results.items() if k != "timings"}, "sites": sites}
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """One uninterrupted `reproduce` of configs/smoke.yaml, and its outputs as they were when it ended."""
+
+    exp: Any
+    report: Path
+    marker: str
+    features: dict[str, pd.DataFrame]
+    results: dict
+
+
+_SMOKE_RUN: list[SmokeRun] = []
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    """Shared by test_interrupt.py (which imports it), so the suite runs the whole pipeline once."""
+    if _SMOKE_RUN:
+        return _SMOKE_RUN[0]
+    from helpers import smoke_experiment_in
+
+    exp = smoke_experiment_in(tmp_path_factory.mktemp("smoke-run"))
     marker = f"{os.getpid()}-{time.time_ns()}"
-    monkeypatch.setenv(MARKER, marker)  # inherited by every kernel and TFF worker this test starts
-    exp = smoke_experiment
-    report = reproduce(exp.source)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(MARKER, marker)  # inherited by every kernel and TFF worker this run starts
+        report = reproduce(exp.source)
+    features = {site: pd.read_parquet(exp.data_path("features", None, site) / "features.parquet")
+                for site in exp.site_ids}
+    _SMOKE_RUN.append(SmokeRun(exp, report, marker, features,
+                               comparable_results(read_json(report / "results.json"))))
+    return _SMOKE_RUN[0]
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_end_to_end(smoke_run: SmokeRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MARKER, smoke_run.marker)
+    exp, report = smoke_run.exp, smoke_run.report
     results = read_json(report / "results.json")
     rows = results["rows"]
     assert {r["method"] for r in rows} >= {"local", "pooled", "fedavg"}
@@ -128,10 +178,70 @@ def test_reproduce_smoke_end_to_end(smoke_experiment, monkeypatch: pytest.Monkey
     assert steps == {"generate": "skip", "export": "skip", "flatten": "skip", "features": "resume",
                      "train": "skip", "report": "skip"}
     time.sleep(1)
-    leftovers = _orphan_workers(marker)
+    leftovers = marked_processes(smoke_run.marker, "worker_binary")
     for proc in leftovers:
         proc.kill()
     assert not leftovers, "a TFF worker_binary outlived its notebook kernel"
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "_SUCCESS.json"}
+
+
+@pytest.mark.slow
+def test_parallel_generate_matches_serial_run(smoke_run: SmokeRun, tmp_path: Path) -> None:
+    from helpers import smoke_experiment_in
+
+    exp = smoke_experiment_in(tmp_path)
+    said: list[str] = []
+    reproduce(exp.source, notebooks=["generate"], parallel=2, echo=said.append)
+    assert any("generate: 3 site(s) on 2 worker(s) (--parallel 2;" in line for line in said), said
+    serial, parallel = smoke_run.exp.data_path("synthea", None), exp.data_path("synthea", None)
+    assert _digest(parallel) == _digest(serial)
+    assert plan(exp, exp.name, [], None)[0]["action"] == "skip"
+
+
+def test_parallel_workers_are_capped_by_sites_and_memory() -> None:
+    one_site = site_memory_mb("flatten", 100)
+    budget = 10 * one_site / MEMORY_HEADROOM
+    assert parallel_workers(4, "flatten", [100, 100, 100], budget) == 3  # one worker per site at most
+    assert parallel_workers(2, "flatten", [100, 100, 100], budget) == 2
+    assert parallel_workers(8, "flatten", [100] * 8, 2.5 * one_site / MEMORY_HEADROOM) == 2
+    assert parallel_workers(4, "flatten", [100, 100], one_site / 2) == 1  # never fewer than one
+    big = site_memory_mb("flatten", 1000)
+    assert parallel_workers(3, "flatten", [1000, 100, 100], (big + one_site) / MEMORY_HEADROOM) == 2
+    two_processes = site_memory_mb("generate", 100, processes=2)
+    assert two_processes > site_memory_mb("generate", 100)
+    assert parallel_workers(3, "generate", [100] * 3, 2 * two_processes / MEMORY_HEADROOM, processes=2) == 2
+    with pytest.raises(FedlabError, match="--parallel must be at least 1"):
+        parallel_workers(0, "flatten", [100], budget)
+
+
+def test_available_memory_is_positive() -> None:
+    assert 0 < available_memory_mb() < psutil.virtual_memory().total / 2**20 + 1
+
+
+def test_interrupted_redo_does_not_keep_sites_of_the_old_stamp(tmp_path: Path, smoke_experiment) -> None:
+    """A redo removes the stage's old site outputs first: killed (here: failing) midway, the
+    resumed stage rebuilds every site instead of keeping ones made with the old parameters."""
+    exp = smoke_experiment
+    for site in exp.site_ids:
+        write_json(exp.data_path("synthea", None, site) / "_SUCCESS.json", {"stage": "generate", "old": True})
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("config = ''\nrun = ''\nforce = False\noverrides = ''",
+                                          metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("raise SystemExit('killed')")]
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    nbformat.write(nb, folder / PIPELINE_NOTEBOOKS[0])
+    assert plan(exp, exp.name, [], None, folder)[0]["action"] == "resume"  # first run: would keep them
+    with pytest.raises(FedlabError, match="01_synthea_generation"):
+        reproduce(exp.source, force=["generate"], notebooks=["generate"], notebooks_dir=folder)
+    assert not any(exp.data_path("synthea", None, site).exists() for site in exp.site_ids)
+    step = plan(exp, exp.name, [], None, folder)[0]
+    assert (step["action"], step["why"]) == ("resume", "outputs incomplete (deleted or interrupted) under the same stamp")
 
 
 def test_notebook_without_parameters_cell_is_named(tmp_path: Path, smoke_experiment) -> None:

@@ -105,3 +105,18 @@ def test_privacy_communication_curves_are_rendered(tmp_path: Path) -> None:
     assert "75.0% less" in md
     figures = {p.name for p in (exp.report_path() / "figures").iterdir()}
     assert {"bytes_to_auroc.png", "auroc_vs_epsilon.png"} <= figures
+
+
+def test_a_site_skipped_by_the_features_stage_is_named_and_left_out_of_the_tables(tmp_path: Path) -> None:
+    sites = [*SITES, "c"]
+    exp = experiment_from_dict({"name": "t", "sites": [{"id": s, "patients": 5, "seed": 1} for s in sites],
+                                "train": {"seeds": [0, 1, 2]}}, root=tmp_path)
+    write_json(exp.data_path("features", None, "c") / "_SKIPPED.json",
+               {"site": "c", "reason": "site c: the label has a single class (0)"})
+    write_json(exp.report_path() / "results.json",
+               {"rows": _rows(), "sites": {s: {} for s in SITES},
+                "communication": {"federated_total_bytes": 220, "centralized_bytes": 1000}})
+    md = write_report(exp).read_text()
+    assert "- `c`: site c: the label has a single class (0)" in md
+    assert "| fedavg | a+b | 0.820 [" in md
+    assert "0.800" in md and "nan" not in md.lower()

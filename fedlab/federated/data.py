@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import collections
 import json
+import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -28,10 +30,16 @@ from fedlab.config import Experiment
 
 ID_COLUMNS = ("patient_id", "index_date")
 LABEL = "label"
+SKIPPED = "_SKIPPED.json"  # written by the features stage for a site skipped under task.on_site_error: skip
+SINGLE_SITE_METHODS = ("local", "pooled")  # every other method needs at least two sites
 
 
 class FeatureDataError(ValueError):
     """A feature table is missing or does not follow the data contract; the message names it."""
+
+
+class SkippedSiteWarning(UserWarning):
+    """A site has no features because the features stage skipped it; training leaves it out."""
 
 
 @dataclass(frozen=True)
@@ -70,14 +78,45 @@ class Scaler:
 # ---------------------------------------------------------------- loading and checking
 
 
-def load_sites(exp: Experiment, run: str | None = None) -> list[SiteData]:
-    """Read every site's `features.parquet`; all sites must share one feature column list."""
-    sites = [_load_site(exp.data_path("features", run, site_id), site_id) for site_id in exp.site_ids]
+def load_sites(exp: Experiment, run: str | None = None, methods: Sequence[str] | None = None) -> list[SiteData]:
+    """Read the `features.parquet` of every site the features stage did not skip (each skipped site
+    is left out with a `SkippedSiteWarning`); all sites must share one feature column list.
+    `methods` (default `train.methods`) other than local/pooled need at least two sites."""
+    skipped = _skipped_sites(exp, run)
+    kept = [site_id for site_id in exp.site_ids if site_id not in skipped]
+    for site_id, reason in skipped.items():
+        warnings.warn(f"site {site_id!r} left out of training: the features stage skipped it ({reason})",
+                      SkippedSiteWarning, stacklevel=2)
+    _check_enough_sites(kept, skipped, list(methods if methods is not None else exp.train.methods))
+    sites = [_load_site(exp.data_path("features", run, site_id), site_id) for site_id in kept]
     reference = sites[0]
     for other in sites[1:]:
         if other.features != reference.features:
             raise FeatureDataError(_column_mismatch(reference, other))
     return sites
+
+
+def _skipped_sites(exp: Experiment, run: str | None) -> dict[str, str]:
+    skipped = {}
+    for site_id in exp.site_ids:
+        record = exp.data_path("features", run, site_id) / SKIPPED
+        if record.is_file():
+            try:
+                skipped[site_id] = str(json.loads(record.read_text())["reason"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise FeatureDataError(f"{record}: not a valid skip record ({err!r})") from None
+    return skipped
+
+
+def _check_enough_sites(kept: list[str], skipped: dict[str, str], methods: list[str]) -> None:
+    multi_site = [m for m in methods if m not in SINGLE_SITE_METHODS]
+    needed = 2 if multi_site else 1
+    if len(kept) < needed:
+        why = f"method(s) {multi_site} need at least 2" if multi_site else "training needs at least 1"
+        raise FeatureDataError(
+            f"only {len(kept)} site(s) with features ({kept}); {why}; skipped by the features stage: "
+            + "; ".join(f"{site}: {reason}" for site, reason in skipped.items())
+        )
 
 
 def _column_mismatch(reference: SiteData, other: SiteData) -> str:

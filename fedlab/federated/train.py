@@ -53,7 +53,7 @@ def train(
     started = time.perf_counter()
     cfg = exp.train
     methods = _check_methods(methods or list(cfg.methods))
-    sites = data.load_sites(exp, run)
+    sites = data.load_sites(exp, run, methods)
     timings: dict[str, Any] = {"load_seconds": time.perf_counter() - started, "seeds": {}}
     out_dir = exp.report_path(run)
     n_features = len(sites[0].features)

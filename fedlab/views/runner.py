@@ -266,8 +266,28 @@ def check_syntax(expression: str) -> None:
     fhirpathpy_parse(expression)
 
 
+_COMPILED: dict[str, CompiledView] = {}
+
+
 def compile_view(view: Any) -> CompiledView:
-    """Validate `view` and compile its paths; raises ViewDefinitionError naming the field."""
+    """Validate `view` and compile its paths; raises ViewDefinitionError naming the field.
+
+    Compiling parses every FHIRPath twice (strictly, then with fhirpathpy), about 0.3 s a view, so
+    a valid view is compiled once per process and reused (keyed by its canonical JSON)."""
+    try:
+        key = json.dumps(view, sort_keys=True)
+    except (TypeError, ValueError):
+        return _compile_view(view)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _compile_view(view)
+        if len(_COMPILED) >= 512:  # bounded: a test-suite run compiles hundreds of one-off views
+            _COMPILED.clear()
+        _COMPILED[key] = compiled
+    return compiled
+
+
+def _compile_view(view: Any) -> CompiledView:
     label = _label(view)
     if not isinstance(view, dict):
         raise ViewDefinitionError(f"view {label}: a ViewDefinition must be a JSON object")

@@ -54,7 +54,7 @@ def run_view_spark(spark: SparkSession, view: dict[str, Any], ndjson_paths: Sequ
         raise FileNotFoundError(f"NDJSON input not found: {missing}")
     if not paths:
         return spark.createDataFrame([], schema)
-    _use_driver_python_locally(spark)
+    use_driver_python_locally(spark)
     lines = spark.sparkContext.textFile(",".join(paths))
     columns = schema.fieldNames()
     string_columns = {f.name for f in schema.fields if f.dataType.typeName() == "string"}
@@ -62,7 +62,7 @@ def run_view_spark(spark: SparkSession, view: dict[str, Any], ndjson_paths: Sequ
     return spark.createDataFrame(rows, schema)
 
 
-def _use_driver_python_locally(spark: SparkSession) -> None:
+def use_driver_python_locally(spark: SparkSession) -> None:
     """In local mode, run Python workers on this interpreter (the one that has fhirpathpy and
     fedlab) rather than whatever `python3` is on PATH when PYSPARK_PYTHON is unset. On a cluster
     the executors' Python must provide fedlab and fhirpathpy itself."""

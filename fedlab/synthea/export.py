@@ -369,9 +369,14 @@ def transaction_bundle_json(resources: list[Resource], resource_json: list[str])
     return f'{{"resourceType":"Bundle","type":"transaction","entry":[{entries}]}}'
 
 
+# One encoder for all calls: `json.dumps` with options builds a new encoder per call (a hot path).
+# check_circular=False: built resources are trees; the output is the same as with the check.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+
+
 def dumps(data: Any) -> str:
     """Compact, deterministic JSON (keys in the order they were built, as Synthea's exporter does)."""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(data)
 
 
 _URN = re.compile(r'"urn:uuid:([0-9a-f-]{36})"')

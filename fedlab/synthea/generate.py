@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from fedlab.config import Experiment, SiteConfig
 from fedlab.errors import FedlabError
@@ -40,7 +39,7 @@ from fedlab.synthea.gmf_life import BUILTIN_MODULES, cached_modules, modules_dig
 from fedlab.synthea.lifecycle import Rng, exported_encounters, simulate_life
 
 GENERATOR = "fedlab.synthea/python-1"
-GMF_GENERATOR = "fedlab.synthea/gmf-1"
+GMF_GENERATOR = "fedlab.synthea/gmf-2"  # bumped when the same config gives other data
 PRACTITIONERS_PER_SITE = 8
 _PATIENT_STREAM, _PROVIDER_STREAM = 1, 2
 POOL_CHUNK = 8
@@ -251,6 +250,8 @@ def _generate_site(exp: Experiment, site: SiteConfig, folder: Path, progress: bo
         bulk_dir.mkdir()
         sink = _NdjsonSink(bulk_dir, stack)
         provider_files = _write_providers(job, fhir_dir, sink, _provider_file_suffix(exp, site))
+        from tqdm.auto import tqdm  # here, not at the top: pool workers never import it
+
         bar = stack.enter_context(tqdm(total=site.patients, desc=f"generate {site.id}", unit="patient",
                                        disable=not progress))
         for record in _records(job, exp.generate.workers, fhir_dir):

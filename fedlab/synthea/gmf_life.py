@@ -63,6 +63,13 @@ PRE_WINDOW_T2D_FACTOR = 0.25
 # Diagnosis waits for a wellness visit (not any lab-drawing encounter, as in the python engine):
 # a slightly higher hazard keeps the 3-year incidence the prediction task sees the same.
 GMF_T2D_FACTOR = 1.25
+# The yearly hazard is scaled so that diabetes_risk 1.0 gives CDC-like point prevalence of diagnosed
+# diabetes among living adults at the reference date (US: ~3 % at 18-44, ~14.5 % at 45-64, ~24 % at
+# 65+, ~11 % overall) and a 3-year incidence of a few percent; sites that need more cases for a
+# learnable task raise their `diabetes_risk`.
+T2D_HAZARD_CALIBRATION = 0.22
+# Incidence stops rising with age in the sixties (CDC: 45-64 and 65+ have similar yearly rates).
+T2D_AGE_PLATEAU = 60.0
 T2D_CODES = frozenset({"44054006"})
 HYPERTENSION_CODES = frozenset({"59621000", "38341003"})
 ANTIHYPERTENSIVE_CODES = frozenset({"314076", "308136", "310798", "979485"})
@@ -265,9 +272,9 @@ def _t2d_annual_risk(p: LifecyclePerson) -> float:
         return 0.0
     age = p.age(p.now)
     a1c = p.body.a1c_without_diabetes(age)
-    log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + 0.035 * (age - 50.0)
+    log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + 0.035 * (min(age, T2D_AGE_PLATEAU) - 50.0)
                 + (0.25 if s.smoker == "current" else 0.0))
-    rate = GMF_T2D_FACTOR * T2D_BASE_RATE * p.site.diabetes_risk * math.exp(log_rate)
+    rate = GMF_T2D_FACTOR * T2D_HAZARD_CALIBRATION * T2D_BASE_RATE * p.site.diabetes_risk * math.exp(log_rate)
     if p.now < p.window_start_ms:
         rate *= PRE_WINDOW_T2D_FACTOR
     return 1.0 - math.exp(-rate)

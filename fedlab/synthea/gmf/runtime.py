@@ -74,6 +74,11 @@ class StateInstance:
         self.diagnosed = False  # ConditionOnset/AllergyOnset waiting for its target encounter
 
 
+# Version 4 and variant bits of a random UUID, applied with one mask.
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 class Simulation:
     """Per-person context shared by all module runs."""
 
@@ -85,10 +90,7 @@ class Simulation:
         self._ids = random.Random(rng.bits())
 
     def new_id(self) -> str:
-        bits = self._ids.getrandbits(128)
-        bits = (bits & ~(0xF000 << 64)) | (0x4000 << 64)
-        bits = (bits & ~(0xC000 << 48)) | (0x8000 << 48)
-        h = f"{bits:032x}"
+        h = f"{(self._ids.getrandbits(128) & _UUID4_KEEP) | _UUID4_SET:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def add(self, entry: Entry) -> Entry:

@@ -387,9 +387,11 @@ def _point_prevalence(folder: Path, reference: dt.date, codes: set[str],
     return len(with_condition) / len(living), len(living)
 
 
-def test_default_site_has_cdc_like_diabetes_prevalence(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["gmf", "python"])
+def test_default_site_has_cdc_like_diabetes_prevalence(tmp_path: Path, engine: str) -> None:
     """diabetes_risk 1.0: diagnosed T2D among living adults near CDC's ~11 %, rising with age."""
-    exp = _experiment(tmp_path, [{"id": "default", "patients": 600, "seed": 5}], years=12, workers=2)
+    exp = _experiment(tmp_path, [{"id": "default", "patients": 600, "seed": 5}], years=12, workers=2,
+                      engine=engine)
     folder = generate(exp, progress=False)["default"]
     reference = exp.generate.reference_date
     adults, n_adults = _point_prevalence(folder, reference, T2D_CODES, (18, 200))

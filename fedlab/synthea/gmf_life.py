@@ -46,7 +46,9 @@ from fedlab.synthea.gmf.person import DEFAULT_NOISE, DIABETES_DRUGS
 from fedlab.synthea.gmf.values import YEAR_AVG
 from fedlab.synthea.lifecycle import (
     ADULT_AGE,
+    T2D_AGE_PLATEAU,
     T2D_BASE_RATE,
+    T2D_HAZARD_CALIBRATION,
     Life,
     Rng,
     _Body,
@@ -63,13 +65,6 @@ PRE_WINDOW_T2D_FACTOR = 0.25
 # Diagnosis waits for a wellness visit (not any lab-drawing encounter, as in the python engine):
 # a slightly higher hazard keeps the 3-year incidence the prediction task sees the same.
 GMF_T2D_FACTOR = 1.25
-# The yearly hazard is scaled so that diabetes_risk 1.0 gives CDC-like point prevalence of diagnosed
-# diabetes among living adults at the reference date (US: ~3 % at 18-44, ~14.5 % at 45-64, ~24 % at
-# 65+, ~11 % overall) and a 3-year incidence of a few percent; sites that need more cases for a
-# learnable task raise their `diabetes_risk`.
-T2D_HAZARD_CALIBRATION = 0.22
-# Incidence stops rising with age in the sixties (CDC: 45-64 and 65+ have similar yearly rates).
-T2D_AGE_PLATEAU = 60.0
 T2D_CODES = frozenset({"44054006"})
 HYPERTENSION_CODES = frozenset({"59621000", "38341003"})
 ANTIHYPERTENSIVE_CODES = frozenset({"314076", "308136", "310798", "979485"})

@@ -27,7 +27,14 @@ from fedlab.synthea import codes
 
 YEAR = dt.timedelta(days=365.25)
 ADULT_AGE = 18
-T2D_BASE_RATE = 0.07  # calibrated: ~9 % incident T2D within 3 years at diabetes_risk 1
+T2D_BASE_RATE = 0.07  # the hazard scale before calibration, below
+# The yearly hazard is scaled so that diabetes_risk 1.0 gives CDC-like point prevalence of diagnosed
+# diabetes among living adults at the reference date (US: ~3 % at 18-44, ~14.5 % at 45-64, ~24 % at
+# 65+, ~11 % overall) and a 3-year incidence of a few percent; sites that need more cases for a
+# learnable task raise their `diabetes_risk`.
+T2D_HAZARD_CALIBRATION = 0.22
+# Incidence stops rising with age in the sixties (CDC: 45-64 and 65+ have similar yearly rates).
+T2D_AGE_PLATEAU = 60.0
 CHRONIC_FOLLOWUP_KINDS = ("wellness", "followup", "inpatient")  # encounters that draw labs
 
 
@@ -282,9 +289,9 @@ class _Body:
         if s.t2d_onset is not None:
             return
         a1c = self.a1c_without_diabetes(age)
-        log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + 0.035 * (age - 50.0)
+        log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + 0.035 * (min(age, T2D_AGE_PLATEAU) - 50.0)
                     + (0.25 if s.smoker == "current" else 0.0))
-        rate = T2D_BASE_RATE * self.site.diabetes_risk * math.exp(log_rate)
+        rate = T2D_HAZARD_CALIBRATION * T2D_BASE_RATE * self.site.diabetes_risk * math.exp(log_rate)
         if self.rng.chance(1.0 - math.exp(-rate)):
             s.t2d_onset = when + dt.timedelta(days=self.rng.r.uniform(0, 365))
             s.t2d_a1c_at_onset = 6.5 + self.rng.r.expovariate(1 / 0.7)

@@ -5,6 +5,11 @@ unless its execution context is torn down, and it inherits stdout/stderr: anythi
 pipes of a fedlab process (pytest, papermill, a CI runner) would then wait forever. `init_tff`
 therefore registers, once per process, an exit hook that replaces the context and collects the
 old one, which stops the worker.
+
+An exit hook does not run when the process is killed (SIGKILL), or when a Jupyter kernel leaves
+with `os._exit` because its parent died. For those cases `init_tff` also starts a small reaper
+process (`python -m fedlab.tffctx PID`) that watches this process and, once it is gone, kills the
+`worker_binary` processes it had started. The reaper holds none of the parent's pipes.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import atexit
 import gc
 import os
 import random
+import subprocess
+import sys
+import time
 from types import ModuleType
 
-_state = {"context_set": False, "hook_registered": False}
+_state = {"context_set": False, "hook_registered": False, "reaper": None}
+WORKER_NAME = "worker_binary"
 
 
 def init_tff(seed: int) -> ModuleType:
@@ -39,7 +48,53 @@ def init_tff(seed: int) -> ModuleType:
     if not _state["hook_registered"]:
         atexit.register(_stop_worker)
         _state["hook_registered"] = True
+    if _state["reaper"] is None:
+        _state["reaper"] = _start_reaper()
     return tff
+
+
+def _start_reaper() -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlab.tffctx", str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+    )
+
+
+def reap_workers_after(parent_pid: int, poll_seconds: float = 0.5) -> int:
+    """Wait for `parent_pid` to end, then kill the TFF workers it started; returns how many."""
+    import psutil
+
+    try:
+        parent = psutil.Process(parent_pid)
+    except psutil.NoSuchProcess:
+        return 0
+    workers: dict[int, psutil.Process] = {}
+    while _alive(parent):
+        try:
+            for child in parent.children(recursive=True):
+                if child.pid not in workers and WORKER_NAME in child.name():
+                    workers[child.pid] = child
+        except psutil.Error:
+            pass
+        time.sleep(poll_seconds)
+    killed = 0
+    for worker in workers.values():
+        try:
+            if worker.is_running():  # is_running compares start times, so a reused pid is safe
+                worker.kill()
+                killed += 1
+        except psutil.Error:
+            continue
+    return killed
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _stop_worker() -> None:
@@ -50,3 +105,7 @@ def _stop_worker() -> None:
         tff.backends.native.set_sync_local_cpp_execution_context()
     finally:
         gc.collect()
+
+
+if __name__ == "__main__":
+    reap_workers_after(int(sys.argv[1]))

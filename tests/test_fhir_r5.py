@@ -25,7 +25,9 @@ def bulk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedlab.config import experiment_from_dict
     from fedlab.synthea import generate
 
-    exp = experiment_from_dict({"name": "r5", "sites": [{"id": "h1", "patients": 8, "seed": 9}],
+    # diabetes risk raised so that the few patients have care plans (the one type R5 does not serve)
+    site = {"id": "h1", "patients": 8, "seed": 9, "diabetes_risk": 8.0}
+    exp = experiment_from_dict({"name": "r5", "sites": [site],
                                 "generate": {"years_of_history": 5}}, root=tmp_path_factory.mktemp("r5"))
     return generate(exp)["h1"] / "bulk"
 
@@ -102,7 +104,8 @@ def site(bulk: Path, key: ClientKey) -> SiteServer:
         yield server
 
 
-def test_server_serves_r5_when_asked(site: SiteServer, key: ClientKey, tmp_path: Path) -> None:
+def test_server_serves_r5_when_asked(site: SiteServer, bulk: Path, key: ClientKey, tmp_path: Path) -> None:
+    assert _rows(bulk, "CarePlan"), "the fixture site needs a CarePlan for this test"
     types = ["Patient", "Encounter", "MedicationRequest", "CarePlan"]
     with BulkDataClient(site.base_url, "node", key, progress=False, min_wait_s=0.05, fhir_version="5.0") as client:
         result = client.export(tmp_path / "r5", types=types)

@@ -95,37 +95,47 @@ def _wait_until_gone(marker: str, seconds: float) -> list[psutil.Process]:
     return alive
 
 
-def _spark_is_running(exp, marker: str) -> bool:
-    """The features stage has started and its kernel's Spark JVM is up."""
-    stamps = exp.report_path() / "stamps.json"
+def _stage_started(exp, stage: str) -> bool:
     try:
-        started = "features" in read_json(stamps)
+        return stage in read_json(exp.report_path() / "stamps.json")
     except (OSError, ValueError):
         return False
-    return started and bool(marked_processes(marker, "java"))
+
+
+# stage killed -> (stages taken from the shared clean run, their data folders, the process whose
+# presence says the stage is busy, the file the stage writes last)
+KILL_POINTS = {
+    "features": (("generate", "export", "flatten"), ("synthea", "export", "tables"), "java",
+                 lambda exp: exp.data_path("features", None, exp.site_ids[-1]) / "_SUCCESS.json"),
+    "train": (("generate", "export", "flatten", "features"), ("synthea", "export", "tables", "features"),
+              "worker_binary", lambda exp: exp.report_path() / "results.json"),
+}
 
 
 @pytest.mark.slow
-def test_reproduce_killed_during_features_then_rerun_matches_clean_run(smoke_run, tmp_path: Path) -> None:  # noqa: F811
-    """SIGKILL the whole `fedlab reproduce` process group while Spark builds features (generate,
-    export and flatten are taken from the shared uninterrupted run), rerun, compare outputs."""
+@pytest.mark.parametrize("stage", list(KILL_POINTS))
+def test_reproduce_killed_mid_stage_then_rerun_matches_clean_run(smoke_run, tmp_path: Path, stage: str) -> None:  # noqa: F811
+    """SIGKILL the whole `fedlab reproduce` process group while Spark builds features, or while TFF
+    trains (the earlier stages are taken from the shared uninterrupted run), rerun, compare outputs;
+    no kernel, JVM or TFF worker may outlive the kill."""
+    copied, data_dirs, busy_process, last_output = KILL_POINTS[stage]
     exp = smoke_experiment_in(tmp_path)
-    _copy_cached_stages(smoke_run.exp, exp, ("generate", "export", "flatten"), ("synthea", "export", "tables"))
+    _copy_cached_stages(smoke_run.exp, exp, copied, data_dirs)
     assert plan(exp, exp.name, [], None)[0]["action"] == "skip", "the copied stages are not reused"
     marker = f"killed-{os.getpid()}-{time.time_ns()}"
     env = {**os.environ, MARKER: marker}
     command = [sys.executable, "-m", "fedlab.cli", "reproduce", "--config", str(exp.source)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env)
-    last = exp.data_path("features", None, exp.site_ids[-1]) / "_SUCCESS.json"
     deadline = time.time() + 600
-    while not _spark_is_running(exp, marker) and time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None and not (
+            _stage_started(exp, stage) and marked_processes(marker, busy_process)):
         time.sleep(0.1)
-    time.sleep(2)  # let Spark start on the sites' jobs
+    time.sleep(2)  # let the stage get going on the sites' data
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    assert not last.exists(), "the kill did not land inside the features stage"
-    assert read_json(exp.report_path() / "stamps.json")["features"].keys() == {"started"}
+    assert not last_output(exp).exists(), f"the kill did not land inside the {stage} stage"
+    assert read_json(exp.report_path() / "stamps.json")[stage].keys() == {"started"}
     leftovers = _wait_until_gone(marker, 30)
     for process in leftovers:
         process.kill()
@@ -133,7 +143,7 @@ def test_reproduce_killed_during_features_then_rerun_matches_clean_run(smoke_run
 
     said = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert said.returncode == 0, said.stderr[-2000:]
-    assert "features: resume" in said.stdout and "flatten: cached" in said.stdout
+    assert f"{stage}: resume" in said.stdout and f"{copied[-1]}: cached" in said.stdout
     for site in exp.site_ids:
         rebuilt = pd.read_parquet(exp.data_path("features", None, site) / "features.parquet")
         pd.testing.assert_frame_equal(rebuilt, smoke_run.features[site])

@@ -69,4 +69,34 @@ def test_init_tff_registers_the_exit_hook_once() -> None:
     tff = tffctx.init_tff(3)
     tffctx.init_tff(4)
     assert tff.__name__ == "tensorflow_federated"
-    assert tffctx._state == {"context_set": True, "hook_registered": True}
+    assert tffctx._state["context_set"] and tffctx._state["hook_registered"]
+    assert tffctx._state["reaper"].poll() is None  # one reaper, watching this process
+
+
+def test_a_killed_tff_process_leaves_no_worker_behind() -> None:
+    """SIGKILL skips exit hooks: the reaper started by init_tff stops the orphaned worker_binary."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.Popen([sys.executable, str(SCRIPT), "--linger"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=ROOT)
+    try:
+        assert json.loads(child.stdout.readline())["pid"] == child.pid  # the round ran
+        workers = [p for p in psutil.Process(child.pid).children(recursive=True) if "worker_binary" in p.name()]
+        assert workers, "no worker_binary was running to test with"
+        child.kill()
+        child.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+    finally:
+        child.stdout.close()
+        if _group_alive(child.pid):
+            os.killpg(child.pid, signal.SIGKILL)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"worker_binary outlived its killed parent: {[p.pid for p in alive]}"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -1,12 +1,15 @@
 """Train one FedAvg round on tiny random data through fedlab.tffctx, print the result as JSON.
 
 Run by tests/test_tffctx.py in a child process: it must exit and close its pipes on its own.
+With `--linger` it then waits to be killed, its TFF worker still running.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 import numpy as np
 
@@ -53,3 +56,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if "--linger" in sys.argv:
+        time.sleep(600)

@@ -34,7 +34,6 @@ from fedlab.synthea.engine import (
     Code,
     Entry,
     Module,
-    PersonState,
     RandomSource,
     WellnessSchedule,
     load_modules,
@@ -42,7 +41,7 @@ from fedlab.synthea.engine import (
     to_life,
     to_millis,
 )
-from fedlab.synthea.gmf.person import DEFAULT_NOISE, DIABETES_DRUGS
+from fedlab.synthea.gmf.person import DEFAULT_NOISE, DIABETES_DRUGS, RecordsInDicts
 from fedlab.synthea.gmf.values import YEAR_AVG
 from fedlab.synthea.lifecycle import (
     ADULT_AGE,
@@ -83,7 +82,7 @@ def _code_of(value: Any) -> str | None:
     return None
 
 
-class LifecyclePerson(PersonState):
+class LifecyclePerson(RecordsInDicts):
     """The lifecycle physiology behind the engine's PersonState contract (see the module docstring)."""
 
     def __init__(self, rng: Rng, site: SiteConfig, body: _Body, window_start_ms: int, adult_ms: int) -> None:
@@ -215,30 +214,11 @@ class LifecyclePerson(PersonState):
         elif value is True and name == "hypertension" and self.s.htn_onset is None:
             self.s.htn_onset = _datetime(self.now)
 
-    def symptom(self, name: str) -> float:
-        causes = self.symptoms.get(name)
-        return max(causes.values()) if causes else 0.0
-
-    def set_symptom(self, cause: str, name: str, severity: float, time_ms: int) -> None:
-        self.symptoms.setdefault(name, {})[cause] = severity
-
     def socioeconomic_category(self) -> str:
         return "Middle"
 
-    def latest_observation(self, code: str) -> Any:
-        return self.observations.get(code)
-
-    def has_observation(self, code: str) -> bool:
-        return code in self.observations
-
-    def record_observation(self, code: str, value: Any, time_ms: int) -> None:
-        self.observations[code] = value
-
-    def active(self, kind: str, code: str) -> Any:
-        return self.actives[kind].get(code)
-
     def activate(self, kind: str, code: str, entry: Any) -> None:
-        self.actives[kind][code] = entry
+        super().activate(kind, code, entry)
         if kind != "medication":
             return
         reason = _code_of(getattr(entry, "reason", None))
@@ -254,7 +234,7 @@ class LifecyclePerson(PersonState):
         if kind == "medication":
             self.a1c_effect.pop(code, None)
             self.antihypertensives.discard(code)
-        return self.actives[kind].pop(code, None)
+        return super().deactivate(kind, code)
 
 
 def _datetime(time_ms: int) -> dt.datetime:

@@ -88,6 +88,40 @@ class PersonState(abc.ABC):
 
 # ---------------------------------------------------------------- default implementation
 
+class RecordsInDicts(PersonState):
+    """Symptoms, observations and active entries kept in plain dicts: `symptoms` (name -> cause ->
+    severity), `observations` (code -> newest value) and `actives` (kind -> code -> entry), which
+    the subclass creates."""
+
+    symptoms: dict[str, dict[str, float]]
+    observations: dict[str, Any]
+    actives: dict[str, dict[str, Any]]
+
+    def symptom(self, name: str) -> float:
+        causes = self.symptoms.get(name)
+        return max(causes.values()) if causes else 0.0
+
+    def set_symptom(self, cause: str, name: str, severity: float, time_ms: int) -> None:
+        self.symptoms.setdefault(name, {})[cause] = severity
+
+    def latest_observation(self, code: str) -> Any:
+        return self.observations.get(code)
+
+    def has_observation(self, code: str) -> bool:
+        return code in self.observations
+
+    def record_observation(self, code: str, value: Any, time_ms: int) -> None:
+        self.observations[code] = value
+
+    def active(self, kind: str, code: str) -> Any:
+        return self.actives[kind].get(code)
+
+    def activate(self, kind: str, code: str, entry: Any) -> None:
+        self.actives[kind][code] = entry
+
+    def deactivate(self, kind: str, code: str) -> Any:
+        return self.actives[kind].pop(code, None)
+
 # Typical adult values for the vital signs and labs the reference modules read.
 DEFAULT_VITALS: dict[str, float] = {
     "Height": 170.0, "Weight": 78.0, "BMI": 27.0, "Systolic Blood Pressure": 122.0,
@@ -138,7 +172,7 @@ DIABETES_DRUGS = frozenset({"860975", "897122", "1373463", "106892", "865098", "
 
 
 @dataclass
-class SimplePerson(PersonState):
+class SimplePerson(RecordsInDicts):
     """A person backed by plain values: attributes and vital signs in dicts, readings from
     `physiology(person, name, base)` plus Gaussian measurement noise."""
 
@@ -185,33 +219,8 @@ class SimplePerson(PersonState):
     def set_vital_sign(self, name: str, value: float) -> None:
         self.set_by_module[name] = value
 
-    def symptom(self, name: str) -> float:
-        causes = self.symptoms.get(name)
-        return max(causes.values()) if causes else 0.0
-
-    def set_symptom(self, cause: str, name: str, severity: float, time_ms: int) -> None:
-        self.symptoms.setdefault(name, {})[cause] = severity
-
     def socioeconomic_category(self) -> str:
         return self.socioeconomic
-
-    def latest_observation(self, code: str) -> Any:
-        return self.observations.get(code)
-
-    def has_observation(self, code: str) -> bool:
-        return code in self.observations
-
-    def record_observation(self, code: str, value: Any, time_ms: int) -> None:
-        self.observations[code] = value
-
-    def active(self, kind: str, code: str) -> Any:
-        return self.actives[kind].get(code)
-
-    def activate(self, kind: str, code: str, entry: Any) -> None:
-        self.actives[kind][code] = entry
-
-    def deactivate(self, kind: str, code: str) -> Any:
-        return self.actives[kind].pop(code, None)
 
     def active_count(self, kind: str, codes: frozenset[str]) -> int:
         return sum(1 for code in self.actives[kind] if code in codes)

@@ -45,7 +45,6 @@ from fedlab.synthea.gmf.person import DEFAULT_NOISE, DIABETES_DRUGS, RecordsInDi
 from fedlab.synthea.gmf.values import YEAR_AVG
 from fedlab.synthea.lifecycle import (
     ADULT_AGE,
-    T2D_AGE_PLATEAU,
     T2D_BASE_RATE,
     T2D_HAZARD_CALIBRATION,
     Life,
@@ -54,6 +53,9 @@ from fedlab.synthea.lifecycle import (
     _creatinine,
     _demographics,
     _traits,
+    bmi_age_trend,
+    htn_yearly_hazard,
+    t2d_age_term,
 )
 
 BUILTIN_MODULES = Path(__file__).resolve().parent / "modules"
@@ -124,8 +126,7 @@ class LifecyclePerson(RecordsInDicts):
         """BMI, kidney function, smoking and albuminuria age by one year (lifecycle's rules)."""
         s, r = self.s, self.ticks
         age = self.age(time_ms)
-        age_trend = 0.18 if age < 50 else 0.0 if age < 65 else -0.15
-        s.bmi = min(65.0, max(15.0, s.bmi + age_trend + self.t.bmi_drift + r.gauss(0.0, 0.45)))
+        s.bmi = min(65.0, max(15.0, s.bmi + bmi_age_trend(age) + self.t.bmi_drift + r.gauss(0.0, 0.45)))
         if s.smoker == "current" and r.random() < 0.05:
             s.smoker = "former"
         diabetic, hypertensive = s.t2d_onset is not None, s.htn_onset is not None
@@ -247,7 +248,7 @@ def _t2d_annual_risk(p: LifecyclePerson) -> float:
         return 0.0
     age = p.age(p.now)
     a1c = p.body.a1c_without_diabetes(age)
-    log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + 0.035 * (min(age, T2D_AGE_PLATEAU) - 50.0)
+    log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + t2d_age_term(age)
                 + (0.25 if s.smoker == "current" else 0.0))
     rate = GMF_T2D_FACTOR * T2D_HAZARD_CALIBRATION * T2D_BASE_RATE * p.site.diabetes_risk * math.exp(log_rate)
     if p.now < p.window_start_ms:
@@ -260,8 +261,7 @@ def _hypertension_annual_risk(p: LifecyclePerson) -> float:
         return 0.0
     age = p.age(p.now)
     sbp, _ = p.blood_pressure(p.now)
-    log_rate = 0.045 * (sbp - 125.0) + 0.03 * (age - 50.0) + 0.04 * (p.s.bmi - 28.0)
-    return 1.0 - math.exp(-0.03 * p.site.hypertension_risk * math.exp(log_rate))
+    return 1.0 - math.exp(-htn_yearly_hazard(sbp, age, p.s.bmi, p.site.hypertension_risk))
 
 
 def _mortality_annual_risk(p: LifecyclePerson) -> float:

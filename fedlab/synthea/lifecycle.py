@@ -32,9 +32,33 @@ T2D_BASE_RATE = 0.07  # the hazard scale before calibration, below
 # diabetes among living adults at the reference date (US: ~3 % at 18-44, ~14.5 % at 45-64, ~24 % at
 # 65+, ~11 % overall) and a 3-year incidence of a few percent; sites that need more cases for a
 # learnable task raise their `diabetes_risk`.
-T2D_HAZARD_CALIBRATION = 0.22
-# Incidence stops rising with age in the sixties (CDC: 45-64 and 65+ have similar yearly rates).
+T2D_HAZARD_CALIBRATION = 0.13
+# Incidence stops rising with age in the sixties and falls slowly after 65 (CDC: 9.9 per 1,000 a year
+# at 45-64, 8.8 at 65+).
 T2D_AGE_PLATEAU = 60.0
+T2D_OLD_AGE = 65.0
+T2D_OLD_AGE_SLOPE = 0.03
+# Adult BMI (NHANES 2017-2020, measured): median about 26 at 18 with a long right tail, rising
+# through young adulthood; obesity (BMI >= 30) in about 40 % of 20-39, 44 % of 40-59, 42 % of 60+.
+BMI_MEDIAN_AT_ADULT = 26.0
+BMI_LOG_SD = 0.19
+
+
+def bmi_age_trend(age: float) -> float:
+    """Yearly change of BMI with age: gain in young adulthood, flat in midlife, loss in old age."""
+    return 0.15 if age < 35 else 0.0 if age < 65 else -0.15
+
+
+def htn_yearly_hazard(sbp: float, age: float, bmi: float, site_risk: float) -> float:
+    """Yearly hazard of essential hypertension from systolic pressure, age and BMI."""
+    return 0.03 * site_risk * math.exp(0.045 * (sbp - 125.0) + 0.025 * (age - 50.0) + 0.04 * (bmi - 28.0))
+
+
+def t2d_age_term(age: float) -> float:
+    """The age part of the log yearly type 2 diabetes hazard (0 at 50)."""
+    return 0.035 * (min(age, T2D_AGE_PLATEAU) - 50.0) - T2D_OLD_AGE_SLOPE * max(0.0, age - T2D_OLD_AGE)
+
+
 CHRONIC_FOLLOWUP_KINDS = ("wellness", "followup", "inpatient")  # encounters that draw labs
 
 
@@ -234,9 +258,9 @@ def _traits(rng: Rng, demo: Demographics, practitioners: int) -> _Traits:
 class _Body:
     def __init__(self, rng: Rng, site: SiteConfig, demo: Demographics, traits: _Traits) -> None:
         self.rng, self.site, self.demo, self.t = rng, site, demo, traits
-        start_bmi = 22.0 + _BMI_BY_RACE[demo.race] + site.bmi_shift + 0.6 * traits.insulin_resistance
+        median = BMI_MEDIAN_AT_ADULT + _BMI_BY_RACE[demo.race] + site.bmi_shift + 0.6 * traits.insulin_resistance
         self.s = _State(
-            bmi=_clip(rng.normal(start_bmi, 3.0), 16.0, 45.0),
+            bmi=_clip(median * math.exp(rng.normal(0.0, BMI_LOG_SD)), 16.0, 55.0),
             egfr=rng.normal(112.0, 10.0),
             smoker="current" if rng.chance(0.2) else "never",
         )
@@ -269,8 +293,7 @@ class _Body:
         """Advance BMI, kidney function and smoking by a year; draw new disease onsets."""
         s, rng = self.s, self.rng
         age = _age(self.demo.birth_date, when)
-        age_trend = 0.18 if age < 50 else 0.0 if age < 65 else -0.15
-        s.bmi = _clip(s.bmi + age_trend + self.t.bmi_drift + rng.normal(0.0, 0.45), 15.0, 65.0)
+        s.bmi = _clip(s.bmi + bmi_age_trend(age) + self.t.bmi_drift + rng.normal(0.0, 0.45), 15.0, 65.0)
         if s.smoker == "current" and rng.chance(0.05):
             s.smoker = "former"
         diabetic = s.t2d_onset is not None
@@ -289,7 +312,7 @@ class _Body:
         if s.t2d_onset is not None:
             return
         a1c = self.a1c_without_diabetes(age)
-        log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + 0.035 * (min(age, T2D_AGE_PLATEAU) - 50.0)
+        log_rate = (3.0 * (a1c - 5.7) + 0.06 * (s.bmi - 30.0) + t2d_age_term(age)
                     + (0.25 if s.smoker == "current" else 0.0))
         rate = T2D_HAZARD_CALIBRATION * T2D_BASE_RATE * self.site.diabetes_risk * math.exp(log_rate)
         if self.rng.chance(1.0 - math.exp(-rate)):
@@ -301,8 +324,7 @@ class _Body:
         if s.htn_onset is not None:
             return
         sbp, _ = self.blood_pressure(when)
-        log_rate = 0.045 * (sbp - 125.0) + 0.03 * (age - 50.0) + 0.04 * (s.bmi - 28.0)
-        rate = 0.03 * self.site.hypertension_risk * math.exp(log_rate)
+        rate = htn_yearly_hazard(sbp, age, s.bmi, self.site.hypertension_risk)
         if self.rng.chance(1.0 - math.exp(-rate)):
             s.htn_onset = when + dt.timedelta(days=self.rng.r.uniform(0, 365))
 

@@ -6,9 +6,10 @@ entry) is checked first; a bad one goes to quarantine with its file, line and re
 rest is flattened by one of two engines (`flatten.engine`):
 
 - `views` (default): fedlab's SQL-on-FHIR v2 ViewDefinitions (`fedlab/views/definitions/`), one
-  per table, compiled once into plain Python closures over the resource dicts. The views cover
-  both R4 and R5 shapes (Encounter `period`/`actualPeriod`, `class` Coding/CodeableConcepts,
-  MedicationRequest `medicationCodeableConcept`/`medication.concept`). A resource the compiled
+  per table, each compiled once into one generated Python function over the resource dicts (paths
+  inlined as straight-line code; a path met twice is walked once). The views cover both R4 and R5
+  shapes (Encounter `period`/`actualPeriod`, `class` Coding/CodeableConcepts, MedicationRequest
+  `medicationCodeableConcept`/`medication.concept`). A resource the compiled
   subset cannot decide alone is handed to the reference runner (`fedlab.views.runner`).
 - `fhiry`: `fhiry.Fhiry.process_bundle_dict` over chunks of synthetic collection bundles (fhiry's
   NDJSON reader is quadratic and its folder mode blanks code columns, so neither is used); the
@@ -25,8 +26,10 @@ drug classes), unit harmonization with the maps in `fedlab/harmonization/`, quar
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
+import gc
 import gzip
 import json
 import re
@@ -169,6 +172,17 @@ def _get_keys(node: Any, keys: list[str]) -> Any:
 
 def check_resource(resource: Any, expected_type: str | None) -> str | None:
     """The reason a resource cannot be used, or None if it is fine."""
+    if type(resource) is dict:
+        rtype = resource.get("resourceType")
+        if type(rtype) is str and (rtype == expected_type or not expected_type):
+            fine = _FINE.get(rtype)
+            if fine is not None and fine(resource):
+                return None
+    return _reason(resource, expected_type)
+
+
+def _reason(resource: Any, expected_type: str | None) -> str | None:
+    """`check_resource` field by field, which also words the reason."""
     if not isinstance(resource, dict):
         return f"not a JSON object (got {type(resource).__name__})"
     rtype = resource.get("resourceType")
@@ -191,6 +205,41 @@ def check_resource(resource: Any, expected_type: str | None) -> str | None:
     return None
 
 
+def _fine_source(rtype: str) -> str:
+    """A function `_fine_<rtype>(resource)` that is True exactly when `_reason` finds nothing wrong with
+    a dict of that type: the same tests, unrolled into straight-line code for the common, valid case."""
+    lines = [f"def _fine_{rtype}(r):"]
+
+    def fetch(keys: list[str], indent: str) -> list[str]:
+        out = [f"{indent}v = r.get({keys[0]!r})"]
+        out += [f"{indent}v = v.get({key!r}) if isinstance(v, dict) else None" for key in keys[1:]]
+        return out
+
+    for alternatives in _REQUIRED_KEYS[rtype]:
+        indent = "    "
+        for keys in alternatives:  # a later alternative is read only when the earlier ones are absent
+            lines += fetch(keys, indent)
+            lines.append(f'{indent}if v is None or v == "" or v == []:')
+            indent += "    "
+        lines.append(f"{indent}return False")
+    lines += ['    q = r.get("valueQuantity")',
+              "    v = q.get('value') if isinstance(q, dict) else None",
+              "    if v is not None and type(v) is not float and (isinstance(v, bool) or not isinstance(v, int)):",
+              "        return False"]
+    for _name, keys in _DATETIME_KEYS[rtype]:
+        lines += fetch(keys, "    ")
+        lines += ["    if v is not None and not (type(v) is str and _match(v)):", "        return False"]
+    lines.append("    return True")
+    return "\n".join(lines)
+
+
+def _fine_checks() -> dict[str, Callable[[dict[str, Any]], bool]]:
+    namespace: dict[str, Any] = {"_match": _DATETIME.match}
+    for rtype in REQUIRED:
+        exec(compile(_fine_source(rtype), "<fedlab.flatten check>", "exec"), namespace)  # noqa: S102
+    return {rtype: namespace[f"_fine_{rtype}"] for rtype in REQUIRED}
+
+
 def _present(resource: dict[str, Any], alternatives: list[list[str]]) -> bool:
     for keys in alternatives:
         node: Any = resource
@@ -199,6 +248,9 @@ def _present(resource: dict[str, Any], alternatives: list[list[str]]) -> bool:
         if node is not None and node != "" and node != []:
             return True
     return False
+
+
+_FINE = _fine_checks()
 
 
 # ---- derivations shared by both engines -----------------------------------------------------
@@ -435,7 +487,7 @@ class FhiryEngine:
         return out
 
 
-# ---- engine `views`: ViewDefinitions compiled to closures ---------------------------------
+# ---- engine `views`: ViewDefinitions compiled to generated code ---------------------------
 #
 # The compiled subset is the one fedlab's definitions use: member navigation, `ofType(T)` on a
 # choice element, `where(path)` / `where(path = 'literal')`, `extension('url')`, `first()`,
@@ -520,12 +572,13 @@ class _PathCompiler:
         }
         if name in simple:
             step = simple[name]
-            step.terminal = True  # type: ignore[attr-defined]
+            step.terminal = name  # type: ignore[attr-defined]
             return step
         if name == "getReferenceKey":
             wanted = self.take("ident") if self.at("ident") else None
             step = lambda items: [k for item in items for k in reference_key(item, wanted)]  # noqa: E731
-            step.terminal = True  # type: ignore[attr-defined]
+            step.terminal = name  # type: ignore[attr-defined]
+            step.wanted = wanted  # type: ignore[attr-defined]
             return step
         if name == "ofType" and previous and getattr(previous[-1], "member", None) in CHOICE_NAMES:
             return _choice(previous.pop().member, self.take("ident"))  # type: ignore[attr-defined]
@@ -539,7 +592,8 @@ class _PathCompiler:
 
     def condition(self) -> Callable[[Any], bool | None]:
         steps = self.path()
-        evaluate = (_scalar_walk(steps) if steps else None) or (lambda item: _apply(steps, [item]))
+        evaluate = ((_generated_path(steps) or _scalar_walk(steps)) if steps else None) or (
+            lambda item: _apply(steps, [item]))
         if not self.at("op", "="):
             def holds(item: Any) -> bool | None:
                 values = evaluate(item)
@@ -548,7 +602,8 @@ class _PathCompiler:
                 if len(values) == 1 and isinstance(values[0], bool):
                     return values[0]
                 raise _Undecided("non-boolean condition")
-            return holds
+            holds.chain = steps  # type: ignore[attr-defined]
+            return _generated_test(steps, holds) or holds
         self.take("op", "=")
         literal = self.take("str")[1:-1]
 
@@ -557,6 +612,7 @@ class _PathCompiler:
             if len(values) > 1:
                 raise _Undecided("collection equality")
             return (values[0] == literal) if values else None
+        equals.chain, equals.literal = steps, literal  # type: ignore[attr-defined]
         return equals
 
 
@@ -637,7 +693,7 @@ def compile_path(path: str) -> Callable[[Any], list[Any]]:
     steps = parser.path()
     if parser.peek() is not None:
         raise _Unsupported(path)
-    walk = _scalar_walk(steps)
+    walk = _generated_path(steps) or _scalar_walk(steps)
     if walk is not None:
         return walk
     if len(steps) == 1:
@@ -682,6 +738,215 @@ def _scalar_walk(steps: list[Step]) -> Callable[[Any], list[Any]] | None:
         return terminal([current]) if terminal else [current]
 
     return walk
+
+
+class _Generic(Exception):
+    """Inside generated path code: this node needs the step-by-step evaluation (`_apply`)."""
+
+
+def _has_variant(item: dict[str, Any], name: str) -> bool:
+    size = len(name)
+    return any(k.startswith(name) and len(k) > size and k[size].isupper() for k in item)
+
+
+_TERMINALS = ("first", "last", "exists", "empty", "getResourceKey", "getReferenceKey")
+_TESTS = {"exists": "bool({o})", "empty": "not {o}"}
+
+
+class _Emitter:
+    """Lines of generated Python and the namespace they run in; names are unique per emitter."""
+
+    def __init__(self) -> None:
+        self.namespace: dict[str, Any] = {"_Undecided": _Undecided, "_Generic": _Generic,
+                                          "_has_variant": _has_variant, "_resource_key": resource_key,
+                                          "_reference_key": reference_key}
+        self.lines: list[str] = []
+        self.count = 0
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def bind(self, value: Any, prefix: str) -> str:
+        name = self.name(prefix)
+        self.namespace[name] = value
+        return name
+
+    def run(self, filename: str, function: str) -> Callable[..., Any]:
+        exec(compile("\n".join(self.lines), filename, "exec"), self.namespace)  # noqa: S102
+        return self.namespace[function]
+
+
+class _PathSource:
+    """A path of member, `ofType` and `where` steps (plus one final function) as generated Python:
+    nested loops over the dicts and lists, with the `where(system = '...')` test inlined. It gives
+    what `_apply(steps, [node])` gives; wherever `_apply` could raise `_Undecided` (an extension-only
+    primitive, a choice variant, a list compared with a literal) the code raises `_Generic`, and the
+    caller hands the node to the step-by-step evaluation instead, which then decides."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        last = getattr(steps[-1], "terminal", None) if steps else None
+        self.steps = steps
+        self.chain = steps[:-1] if last else steps
+        self.terminal = last
+        self.wanted = getattr(steps[-1], "wanted", None) if last == "getReferenceKey" else None
+        for step in self.chain:
+            if getattr(step, "terminal", None) or not (
+                    getattr(step, "member", "extension") != "extension" or hasattr(step, "choice")
+                    or hasattr(step, "condition")):
+                raise _Unsupported("step outside the generated subset")
+        if not steps or (last is not None and last not in _TERMINALS):
+            raise _Unsupported("no steps, or an unknown function")
+        self.signature = tuple(_signature(step) for step in self.chain)
+
+    def body(self, out: _Emitter, var: str, found: str, indent: str) -> None:
+        """Lines that append the chain's values for item `var` to the list `found`."""
+        self.item(out, self.chain, var, found, indent)
+
+    def result(self, out: _Emitter, found: str, target: str, indent: str) -> None:
+        """Lines that set `target` to the path's value from the chain's values `found`."""
+        kind = self.terminal
+        if kind in ("getResourceKey", "getReferenceKey"):
+            call = "_resource_key(_i)" if kind == "getResourceKey" else f"_reference_key(_i, {self.wanted!r})"
+            out.lines += [f"{indent}{target} = []", f"{indent}for _i in {found}:", f"{indent}    {target} += {call}"]
+            return
+        expression = {None: "{o}", "first": "{o}[:1]", "last": "{o}[-1:]", "exists": "[bool({o})]",
+                      "empty": "[not {o}]"}[kind]
+        out.lines.append(f"{indent}{target} = {expression.format(o=found)}")
+
+    def inline(self, out: _Emitter, var: str, target: str, fallback: str, indent: str,
+               test: bool = False, known: dict[tuple, str] | None = None) -> None:
+        """Lines that set `target` to the path's value of `var` (with `test`: the where() result of an
+        exists()/empty() path), calling `fallback(var)` when the node needs the general steps.
+
+        `known` maps (chain, item) to the list that already holds the chain's values of that item in
+        the code before (None after a fallback); the chain is then not walked again."""
+        key = (self.signature, var)
+        found = known.get(key) if known is not None else None
+        if found is not None:
+            out.lines += [f"{indent}if {found} is None:", f"{indent}    {target} = {fallback}({var})",
+                          f"{indent}else:"]
+        else:
+            found = out.name("_o")
+            out.lines += [f"{indent}{found} = []", f"{indent}try:"]
+            self.body(out, var, found, indent + "    ")
+            out.lines += [f"{indent}except _Generic:", f"{indent}    {found} = None",
+                          f"{indent}    {target} = {fallback}({var})", f"{indent}else:"]
+            if known is not None:
+                known[key] = found
+        if test:
+            out.lines.append(f"{indent}    {target} = {_TESTS[self.terminal].format(o=found)}")  # type: ignore[index]
+        else:
+            self.result(out, found, target, indent + "    ")
+
+    def item(self, out: _Emitter, steps: list[Step], var: str, found: str, indent: str) -> None:
+        """Code for one item `var` reaching `steps`."""
+        if not steps:
+            out.lines.append(f"{indent}{found}.append({var})")
+            return
+        step, rest = steps[0], steps[1:]
+        if hasattr(step, "member"):
+            name = step.member  # type: ignore[attr-defined]
+            out.lines.append(f"{indent}if type({var}) is dict:")
+            self.children(out, var, name, self.missing(var, name), rest, found, indent + "    ", skip_none=True)
+        elif hasattr(step, "choice"):
+            base, key = step.choice  # type: ignore[attr-defined]
+            out.lines.append(f"{indent}if type({var}) is dict and {base!r} not in {var}:")
+            self.children(out, var, key, f"{'_' + key!r} in {var}", rest, found, indent + "    ", skip_none=False)
+        else:
+            self.where(out, step.condition, var, rest, found, indent)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def missing(var: str, name: str) -> str:
+        """When `_member` raises for an absent element: an extension-only value or a choice variant."""
+        test = f"{'_' + name!r} in {var}"
+        return f"{test} or _has_variant({var}, {name!r})" if name in CHOICE_NAMES else test
+
+    def children(self, out: _Emitter, var: str, key: str, undecided: str, rest: list[Step], found: str,
+                 indent: str, skip_none: bool) -> None:
+        value, each = out.name("_v"), out.name("_x")
+        out.lines += [f"{indent}{value} = {var}.get({key!r})",
+                      f"{indent}if {value} is None:",
+                      f"{indent}    if {undecided}:",
+                      f"{indent}        raise _Generic",
+                      f"{indent}elif type({value}) is list:",
+                      f"{indent}    for {each} in {value}:"]
+        if skip_none:  # a member step drops nulls inside lists; an ofType() step keeps them
+            out.lines.append(f"{indent}        if {each} is not None:")
+            self.item(out, rest, each, found, indent + "            ")
+        else:
+            self.item(out, rest, each, found, indent + "        ")
+        out.lines.append(f"{indent}else:")
+        self.item(out, rest, value, found, indent + "    ")
+
+    def where(self, out: _Emitter, condition: Callable[[Any], Any], var: str, rest: list[Step], found: str,
+              indent: str) -> None:
+        chain = getattr(condition, "chain", None)
+        literal = getattr(condition, "literal", None)
+        name = getattr(chain[0], "member", None) if chain and len(chain) == 1 else None
+        if literal is None or name is None or name == "extension":
+            out.lines.append(f"{indent}if {out.bind(condition, '_cond')}({var}) is True:")
+            self.item(out, rest, var, found, indent + "    ")
+            return
+        # `where(name = 'literal')`: `equals` over a one-member path, inlined.
+        value = out.name("_v")
+        out.lines += [f"{indent}if type({var}) is dict:",
+                      f"{indent}    {value} = {var}.get({name!r})",
+                      f"{indent}    if {value} is None:",
+                      f"{indent}        if {self.missing(var, name)}:",
+                      f"{indent}            raise _Generic",
+                      f"{indent}    elif type({value}) is list:",
+                      f"{indent}        raise _Generic",
+                      f"{indent}    elif {value} == {literal!r}:"]
+        self.item(out, rest, var, found, indent + "        ")
+
+
+def _signature(step: Step) -> tuple:
+    """What a chain step does, so equal chains can share their values in generated code."""
+    if hasattr(step, "member"):
+        return ("member", step.member)  # type: ignore[attr-defined]
+    if hasattr(step, "choice"):
+        return ("choice", *step.choice)  # type: ignore[attr-defined]
+    condition = step.condition  # type: ignore[attr-defined]
+    chain, literal = getattr(condition, "chain", None), getattr(condition, "literal", None)
+    if literal is not None and chain and len(chain) == 1 and hasattr(chain[0], "member"):
+        return ("equals", chain[0].member, literal)
+    return ("where", id(condition))  # the condition object stays alive in the generated namespace
+
+
+def _generated_path(steps: list[Step]) -> Callable[[Any], list[Any]] | None:
+    """`_apply(steps, [node])` as one generated function, or None outside its subset."""
+    try:
+        source = _PathSource(steps)
+    except _Unsupported:
+        return None
+    out = _Emitter()
+    fallback = out.bind(lambda node: _apply(steps, [node]), "_fallback")
+    out.lines = ["def _path(node):"]
+    source.inline(out, "node", "_values", fallback, "    ")
+    out.lines.append("    return _values")
+    path = out.run("<fedlab.flatten path>", "_path")
+    path.source, path.fallback = source, out.namespace[fallback]  # type: ignore[attr-defined]
+    return path
+
+
+def _generated_test(steps: list[Step], holds: Callable[[Any], bool | None]) -> Callable[[Any], bool | None] | None:
+    """`holds` of a `where(path.exists())` / `where(path.empty())` as one generated function: the
+    path always gives one boolean, which is the test's result."""
+    try:
+        source = _PathSource(steps)
+    except _Unsupported:
+        return None
+    if source.terminal not in _TESTS:
+        return None
+    out = _Emitter()
+    fallback = out.bind(holds, "_holds")
+    out.lines = ["def _test(node):"]
+    source.inline(out, "node", "_holds_now", fallback, "    ", test=True)
+    out.lines.append("    return _holds_now")
+    test = out.run("<fedlab.flatten path>", "_test")
+    test.chain, test.source, test.fallback = steps, source, holds  # type: ignore[attr-defined]
+    return test
 
 
 def _converter(column_type: str | None) -> Callable[[Any], Any]:
@@ -755,105 +1020,158 @@ class _SelectPlan:
 
 
 class _PlanCode:
-    """Generates one Python function per select of a plan, with the control flow of
-    `_SelectPlan.rows` unrolled for that select (which guards, columns, children and unions it
-    has), so a resource costs no generic dispatch. Path evaluators stay the compiled closures;
-    the generated code only wires them. `_SelectPlan.rows` remains the reference semantics."""
+    """Generates one Python function for a whole plan: the control flow of `_SelectPlan.rows`
+    unrolled for each select (which guards, columns, children and unions it has), and the paths and
+    `where(...exists())` guards inlined as `_PathSource` code, so a resource costs no generic
+    dispatch and few calls. Paths outside the generated subset are called as compiled closures.
+    `_SelectPlan.rows` remains the reference semantics."""
 
     def __init__(self) -> None:
-        self.namespace: dict[str, Any] = {"_Undecided": _Undecided}
-        self.source: list[str] = []
-        self.count = 0
-
-    def bind(self, value: Any, prefix: str) -> str:
-        name = f"{prefix}{self.count}"
-        self.count += 1
-        self.namespace[name] = value
-        return name
+        self.out = _Emitter()
+        self.known: dict[tuple, str] = {}  # chain values computed so far in the current block
 
     def build(self, plan: _SelectPlan) -> Callable[[Any], list[tuple]]:
-        name = self.function(plan)
-        exec(compile("\n".join(self.source), "<fedlab.flatten view plan>", "exec"), self.namespace)  # noqa: S102
-        return self.namespace[name]
+        self.out.lines = ["def _plan_rows(node):", "    _rows = []"]
+        self.select(plan, "node", "_rows", "    ", may_be_none=False)
+        self.out.lines.append("    return _rows")
+        return self.out.run("<fedlab.flatten view plan>", "_plan_rows")
 
-    def columns(self, plan: _SelectPlan, item: str, indent: str, may_be_none: bool) -> tuple[list[str], list[str]]:
-        """Statements that compute the plan's columns of `item`, and the names holding them."""
-        lines, names = [], []
+    def path(self, path: Callable[[Any], list[Any]], item: str, target: str, indent: str) -> None:
+        source = getattr(path, "source", None)
+        if source is None:
+            self.out.lines.append(f"{indent}{target} = {self.out.bind(path, '_path')}({item})")
+        else:
+            fallback = self.out.bind(path.fallback, "_fallback")  # type: ignore[attr-defined]
+            source.inline(self.out, item, target, fallback, indent, known=self.known)
+
+    def test(self, guard: Callable[[Any], bool | None], item: str, indent: str) -> str:
+        """Lines computing `guard(item) is True` into a name, which is returned."""
+        held = self.out.name("_held")
+        source = getattr(guard, "source", None)
+        if source is None:
+            self.out.lines.append(f"{indent}{held} = {self.out.bind(guard, '_guard')}({item}) is True")
+        else:
+            fallback = self.out.bind(guard.fallback, "_holds")  # type: ignore[attr-defined]
+            source.inline(self.out, item, held, fallback, indent, test=True, known=self.known)
+            self.out.lines.append(f"{indent}{held} = {held} is True")
+        return held
+
+    def guarded(self, guards: list[Callable[[Any], bool | None]], item: str, indent: str,
+                may_be_none: bool) -> str:
+        """Lines that evaluate the guards in order, stopping at the first that fails; returns the name
+        holding whether all held."""
+        held = self.out.name("_all")
+        self.out.lines.append(f"{indent}{held} = False")
+        inner = indent
+        outside = None  # what is known after the block: the first test, if it runs unconditionally
+        if may_be_none:
+            outside = dict(self.known)
+            self.out.lines.append(f"{inner}if {item} is not None:")
+            inner += "    "
+        for guard in guards:
+            name = self.test(guard, item, inner)
+            if outside is None:
+                outside = dict(self.known)
+            self.out.lines.append(f"{inner}if {name}:")
+            inner += "    "
+        self.out.lines.append(f"{inner}{held} = True")
+        self.known = outside if outside is not None else self.known
+        return held
+
+    def columns(self, plan: _SelectPlan, item: str, indent: str, may_be_none: bool) -> list[str]:
+        """Lines that compute the plan's columns of `item`; returns the names holding them."""
+        lines, names = self.out.lines, []
         for path, collection, convert in plan.columns:
-            fn, value = self.bind(path, "_path"), f"_c{self.count}"
-            self.count += 1
+            value, values = self.out.name("_c"), self.out.name("_v")
             identity = getattr(convert, "identity", False)
-            conv = "" if identity else self.bind(convert, "_conv")
-            if collection:
-                each = "_x" if identity else f"{conv}(_x)"
-                expr = f"[{each} for _x in {fn}({item})]"
-                lines.append(f"{indent}{value} = ({expr} if {item} is not None else [])" if may_be_none
-                             else f"{indent}{value} = {expr}")
+            conv = "" if identity else self.out.bind(convert, "_conv")
+            inner, outside = indent, self.known
+            if may_be_none:
+                lines += [f"{indent}{value} = {'[]' if collection else 'None'}", f"{indent}if {item} is not None:"]
+                inner += "    "
+                self.known = dict(outside)
+            self.path(path, item, values, inner)
+            self.known = outside if may_be_none else self.known
+            if collection:  # a new list per row, as the closures give
+                lines.append(f"{inner}{value} = list({values})" if identity
+                             else f"{inner}{value} = [{conv}(_x) for _x in {values}]")
             else:
-                inner = indent + ("    " if may_be_none else "")
-                if may_be_none:
-                    lines += [f"{indent}{value} = None", f"{indent}if {item} is not None:"]
-                first = "_v[0]" if identity else f"{conv}(_v[0])"
-                lines += [f"{inner}_v = {fn}({item})",
-                          f"{inner}if len(_v) > 1:",
+                first = f"{values}[0]" if identity else f"{conv}({values}[0])"
+                lines += [f"{inner}if len({values}) > 1:",
                           f"{inner}    raise _Undecided('several values in a one-value column')",
-                          f"{inner}{value} = {first} if _v else None"]
+                          f"{inner}{value} = {first} if {values} else None"]
             names.append(value)
-        return lines, names
+        return names
 
     @staticmethod
     def row(names: list[str]) -> str:
         return "(" + "".join(f"{n}, " for n in names) + ")"
 
-    def guards(self, guards: list[Callable[[Any], bool | None]], item: str) -> str:
-        return " and ".join([f"{item} is not None"] + [f"{self.bind(g, '_guard')}({item}) is True" for g in guards])
-
-    def function(self, plan: _SelectPlan) -> str:
-        children = [self.function(child) for child in plan.children]
-        branches = [None if branch.leaf_guards is not None else self.function(branch) for branch in plan.union]
-        name = f"_select{self.count}"
-        self.count += 1
-        lines = [f"def {name}(node):"]
-        # Only a guarded select without OrNull is sure to see a node; elsewhere the node may be None
-        # (forEachOrNull, or a child select under one).
-        may_be_none = plan.guards is None or plan.or_null
+    def select(self, plan: _SelectPlan, node: str, rows: str, indent: str, may_be_none: bool) -> None:
+        """Lines that append the rows of `plan` over `node` to the list `rows`."""
+        lines = self.out.lines
+        item = self.out.name("_item")
+        outside = self.known  # restored when this select's block ends
+        self.known = dict(outside)
         if plan.guards is not None:
-            lines.append(f"    if {self.guards(plan.guards, 'node')}:")
-            lines.append("        focus = (node,)")
-            lines.append("    else:")
-            lines.append("        focus = (None,)" if plan.or_null else "        return []")
-        elif plan.for_each is not None:
-            lines.append(f"    focus = {self.bind(plan.for_each, '_each')}(node) if node is not None else []")
+            held = self.guarded(plan.guards, node, indent, may_be_none)
+            outside = dict(self.known)  # the first guard ran in the enclosing block
             if plan.or_null:
-                lines.append("    if not focus:")
-                lines.append("        focus = [None]")
+                lines.append(f"{indent}{item} = {node} if {held} else None")
+            else:
+                lines.append(f"{indent}if {held}:")
+                indent += "    "
+                item = node  # the same object: chain values known for `node` hold for it
+            item_may_be_none = plan.or_null
+        elif plan.for_each is not None:
+            focus = self.out.name("_focus")
+            if may_be_none:
+                lines += [f"{indent}{focus} = []", f"{indent}if {node} is not None:"]
+                self.known = dict(outside)
+                self.path(plan.for_each, node, focus, indent + "    ")
+                self.known = dict(outside)
+            else:
+                self.path(plan.for_each, node, focus, indent)
+                outside = dict(self.known)  # the path ran in the enclosing block
+            if plan.or_null:
+                lines += [f"{indent}if not {focus}:", f"{indent}    {focus} = [None]"]
+            lines.append(f"{indent}for {item} in {focus}:")
+            indent += "    "
+            item_may_be_none = True  # an ofType() step keeps nulls
         else:
-            lines.append("    focus = (node,)")
-        lines.append("    out = []")
-        lines.append("    for item in focus:")
-        column_lines, names = self.columns(plan, "item", "        ", may_be_none)
-        lines += column_lines
-        if not children and not plan.union:
-            lines.append(f"        out.append({self.row(names)})")
-        else:
-            lines.append(f"        rows = [{self.row(names)}]")
-            for child in children:
-                lines.append(f"        rows = [_l + _r for _l in rows for _r in {child}(item)]")
-            if plan.union:
-                lines.append("        part = []")
-                for branch, function in zip(plan.union, branches, strict=True):
-                    if function is not None:
-                        lines.append(f"        part += {function}(item)")
-                        continue
-                    lines.append(f"        if {self.guards(branch.leaf_guards or [], 'item')}:")
-                    branch_lines, branch_names = self.columns(branch, "item", "            ", False)
-                    lines += branch_lines
-                    lines.append(f"            part.append({self.row(branch_names)})")
-                lines.append("        rows = [_l + _r for _l in rows for _r in part]")
-            lines.append("        out += rows")
-        lines.append("    return out")
-        self.source.append("\n".join(lines))
-        return name
+            item = node
+            item_may_be_none = may_be_none
+        if plan.guards is None and plan.for_each is None:
+            outside = self.known  # no block of its own: what it computes stays known after it
+        names = self.columns(plan, item, indent, item_may_be_none)
+        if not plan.children and not plan.union:
+            lines.append(f"{indent}{rows}.append({self.row(names)})")
+            self.known = outside
+            return
+        # The rows are the product of this select's row with the rows of each child and of the union,
+        # in that order: every part is computed first (in the reference order), then nested loops
+        # append the products. A plain child with columns only gives exactly one row, kept as a tuple.
+        terms, parts = [self.row(names)], []  # parts: (list of rows, loop variable)
+        for child in plan.children:
+            if child.guards is None and child.for_each is None and not child.children and not child.union:
+                terms.append(self.row(self.columns(child, item, indent, item_may_be_none)))
+                continue
+            parts.append((self.out.name("_part"), self.out.name("_r")))
+            terms.append(parts[-1][1])
+            lines.append(f"{indent}{parts[-1][0]} = []")
+            self.select(child, item, parts[-1][0], indent, item_may_be_none)
+        if plan.union:
+            parts.append((self.out.name("_part"), self.out.name("_r")))
+            terms.append(parts[-1][1])
+            lines.append(f"{indent}{parts[-1][0]} = []")
+            for branch in plan.union:
+                self.select(branch, item, parts[-1][0], indent, item_may_be_none)
+        loops = indent
+        for part, each in parts:
+            lines.append(f"{loops}for {each} in {part}:")
+            loops += "    "
+        lines.append(f"{loops}{rows}.append({' + '.join(terms)})")
+        self.known = outside
 
 
 def _plan_select(node: dict[str, Any]) -> _SelectPlan:
@@ -1114,16 +1432,31 @@ def flatten_sources(sources: list[_Source], bundles: bool = False, engine: str =
     """Check every item, flatten the valid ones with `engine`, derive and harmonize the tables."""
     flattener = make_engine(engine)
     ledger = _Ledger()
-    for source in sources:
-        stats = ledger.open(source)
-        items = _bundle_items(source.path) if bundles else _ndjson_items(source.path)
-        for lineno, resource, error in items:
-            reason = error or check_resource(resource, source.expected_type)
-            rtype = resource.get("resourceType") if isinstance(resource, dict) else None
-            rid = resource.get("id") if reason is None else None
-            if ledger.admit(stats, lineno, reason, rtype, rid):
-                flattener.add(rtype, resource)  # type: ignore[arg-type]
+    with _no_cyclic_gc():
+        for source in sources:
+            stats = ledger.open(source)
+            items = _bundle_items(source.path) if bundles else _ndjson_items(source.path)
+            for lineno, resource, error in items:
+                reason = error or check_resource(resource, source.expected_type)
+                rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+                rid = resource.get("id") if reason is None else None
+                if ledger.admit(stats, lineno, reason, rtype, rid):
+                    flattener.add(rtype, resource)  # type: ignore[arg-type]
     return _finish(flattener, ledger)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while reading: the loop allocates millions of containers
+    (parsed JSON, row tuples) that form no cycles, and the collections it would trigger mostly
+    re-scan the growing list of rows. Reference counting still frees everything as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Ledger:
@@ -1297,7 +1630,8 @@ def _conform(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     frame = frame[schema.names].copy()
     for fld in schema:
         if pa.types.is_timestamp(fld.type):
-            frame[fld.name] = pd.to_datetime(frame[fld.name], utc=True).astype("datetime64[us, UTC]")
+            if str(frame[fld.name].dtype) != "datetime64[us, UTC]":  # else already what this gives
+                frame[fld.name] = pd.to_datetime(frame[fld.name], utc=True).astype("datetime64[us, UTC]")
         elif pa.types.is_floating(fld.type):
             frame[fld.name] = pd.to_numeric(frame[fld.name], errors="coerce").astype("float64")
         elif pa.types.is_string(fld.type):

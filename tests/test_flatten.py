@@ -313,3 +313,44 @@ def test_less_common_fhir_shapes(tmp_path: Path, engine: str):
     assert [cond["system"], cond["code"], cond["concept"], cond["flag"]] == [ICD10, "E11.9", "t2d", "mapped"]
     assert cond["onset"] == pd.Timestamp("2018-01-01T00:00:00Z")
     assert cond["abatement"] == pd.Timestamp("2018-02-01T00:00:00Z")
+
+
+def test_compiled_views_agree_with_the_reference_runner_on_odd_shapes(tmp_path: Path):
+    """Coding lists filtered by system and the reference forms a Bulk export or bundle may hold give
+    the documented values, and the compiled views give exactly the reference runner's rows."""
+    from fedlab.flatten import ViewsEngine
+    from fedlab.views import load_definitions
+    from fedlab.views.runner import compile_view, rows_for_resource
+
+    codings = {
+        "k1": [{"system": "urn:local", "code": "GLU"}, {"system": LOINC, "code": "2339-0"},
+               {"system": LOINC, "code": "2345-7"}],
+        "k2": [{"system": LOINC, "display": "no code"}, {"system": LOINC, "code": "2345-7"}],
+        "k3": [{"system": "urn:local", "code": "2339-0"}],
+    }
+    subjects = {
+        "r1": ({"reference": "Patient/p1/_history/3"}, "p1"),
+        "r2": ({"reference": "http://example.org/fhir/Patient/p2"}, "p2"),
+        "r3": ({"reference": "urn:uuid:9f1c-77"}, "9f1c-77"),
+        "r4": ({"reference": "urn:uuid:9f1c-78", "type": "Group"}, None),
+        "r5": ({"reference": "Group/g1"}, None),
+        "r6": ({"reference": "#contained-1"}, None),
+        "r7": ({"reference": "Patient/a b"}, None),
+    }
+    resources = [_obs(oid, "2339-0", 5.0, "mmol/L", code={"coding": coding}) for oid, coding in codings.items()]
+    resources += [_obs(oid, "2339-0", 5.0, "mmol/L", subject=subject) for oid, (subject, _) in subjects.items()]
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "Observation.ndjson").write_text(_lines(resources))
+    result = flatten_ndjson([folder / "Observation.ndjson"])
+    assert not result.quarantine
+    obs = result.tables["observation"].set_index("observation_id")
+    assert [obs.loc[oid, "loinc"] for oid in codings] == ["2339-0", "2345-7", None]
+    assert [obs.loc[oid, "patient_id"] for oid in subjects] == [expected for _, expected in subjects.values()]
+
+    engine = ViewsEngine()
+    reference = compile_view(load_definitions()["observation"])
+    for resource in resources:
+        expected = [tuple(row[c] for c in reference.columns) for row in rows_for_resource(reference, resource)]
+        assert engine.rows_of("Observation", resource) == expected, resource["id"]
+    assert engine.fallbacks == 0

@@ -1,8 +1,8 @@
 """Map the FHIR R4 resources fedlab emits to FHIR R5 (5.0.0).
 
 Covered: Patient, Condition, Observation, RiskAssessment, Practitioner, DiagnosticReport (unchanged
-apart from the R5 rules below), Encounter, MedicationRequest, Procedure, Immunization and
-Organization (renamed or restructured elements). CarePlan is not: R5 removed `activity.detail`
+apart from the R5 rules below), Encounter, MedicationRequest, Procedure, Immunization,
+Organization, AllergyIntolerance and Device (renamed or restructured elements). CarePlan is not: R5 removed `activity.detail`
 and has no faithful home for Synthea's planned activities. Anything else raises `R5MappingError`, so a server never serves R4
 content labelled as R5.
 """
@@ -19,6 +19,9 @@ ENCOUNTER_STATUS = {"planned": "planned", "arrived": "in-progress", "triaged": "
                     "in-progress": "in-progress", "onleave": "on-hold", "finished": "completed",
                     "cancelled": "cancelled", "entered-in-error": "entered-in-error", "unknown": "unknown"}
 CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+ALLERGY_TYPE = "http://hl7.org/fhir/allergy-intolerance-type"
+# R5 Device has no `patient`; HL7's cross-version extension keeps the R4 element's value.
+DEVICE_PATIENT_EXTENSION = "http://hl7.org/fhir/4.0/StructureDefinition/extension-Device.patient"
 
 Resource = dict[str, Any]
 
@@ -146,6 +149,26 @@ def _organization(resource: Resource) -> Resource:
     return resource
 
 
+def _allergy_intolerance(resource: Resource) -> Resource:
+    kind = resource.get("type")
+    if isinstance(kind, str):  # R4 code -> R5 CodeableConcept
+        resource["type"] = {"coding": [{"system": ALLERGY_TYPE, "code": kind}]}
+    return resource
+
+
+def _device(resource: Resource) -> Resource:
+    names = resource.pop("deviceName", [])
+    if names:
+        resource["name"] = [{"value": n.get("name"), "type": n.get("type")} for n in names]
+    if isinstance(resource.get("type"), dict):
+        resource["type"] = [resource["type"]]
+    patient = resource.pop("patient", None)
+    if patient is not None:
+        extension = {"url": DEVICE_PATIENT_EXTENSION, "valueReference": patient}
+        resource["extension"] = [*resource.get("extension", []), extension]
+    return resource
+
+
 def _unchanged(resource: Resource) -> Resource:
     return resource
 
@@ -154,7 +177,7 @@ MAPPERS: dict[str, Callable[[Resource], Resource]] = {
     "Patient": _unchanged, "Observation": _unchanged, "RiskAssessment": _unchanged,
     "Organization": _organization, "Practitioner": _unchanged, "DiagnosticReport": _unchanged, "Condition": _condition,
     "Encounter": _encounter, "MedicationRequest": _medication_request, "Procedure": _procedure,
-    "Immunization": _immunization,
+    "Immunization": _immunization, "AllergyIntolerance": _allergy_intolerance, "Device": _device,
 }
 
 

@@ -6,6 +6,7 @@ selects on exactly these, so changing one here is a change to the data contract.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 SNOMED = "http://snomed.info/sct"
@@ -26,6 +27,40 @@ MARITAL = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 OMB_RACE = "urn:oid:2.16.840.1.113883.6.238"
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition"
+
+
+# ---- Synthea's GMF code-system names (what modules write in "system") -> FHIR system URIs ----
+GMF_SYSTEMS: dict[str, str] = {
+    "SNOMED-CT": SNOMED,
+    "LOINC": LOINC,
+    "RxNorm": RXNORM,
+    "CVX": CVX,
+    "ICD-10-CM": ICD10CM,
+    "ICD-10": ICD10CM,
+    "UCUM": UCUM,
+    "NDC": "http://hl7.org/fhir/sid/ndc",
+    "NUCC": "http://nucc.org/provider-taxonomy",
+    "NUBC": "http://www.nubc.org/patient-discharge",
+    "DICOM-DCM": "http://dicom.nema.org/resources/ontology/DCM",
+    "DICOM-SOP": "urn:ietf:rfc:3986",
+    "CPT": "http://www.ama-assn.org/go/cpt",
+    "HCPCS": "https://bluebutton.cms.gov/resources/codesystem/hcpcs",
+    "UNII": "http://fdasis.nlm.nih.gov",
+}
+_URI_PREFIXES = ("http://", "https://", "urn:")
+# Plain names `fhir_system` did not know, with how often each was seen in this process.
+UNKNOWN_SYSTEMS: Counter[str] = Counter()
+
+
+def fhir_system(name: str) -> str:
+    """The FHIR system URI for a GMF code-system name. A URI passes unchanged; an unknown plain
+    name is kept as written (never guessed) and counted in `UNKNOWN_SYSTEMS`."""
+    uri = GMF_SYSTEMS.get(name)
+    if uri is not None:
+        return uri
+    if not name.startswith(_URI_PREFIXES):
+        UNKNOWN_SYSTEMS[name] += 1
+    return name
 
 
 class Concept(NamedTuple):

@@ -7,7 +7,8 @@
 
 `run_person` returns a `GMFRecord` (encounters and coded entries with module/state provenance);
 `to_life_encounters` / `to_life` turn it into the lifecycle record model the FHIR exporter reads,
-keeping whatever that model cannot hold yet in the `unmapped` list. See GMF.md for coverage.
+entries whose codes `codes.py` does not map in `Encounter.other` (exported with the module's own
+codes) and the kinds the exporter does not write in the `unmapped` list. See GMF.md for coverage.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ from fedlab.synthea.lifecycle import (
 )
 
 __all__ = [
-    "CONDITION_TYPES", "DEFAULT_VITALS", "DISTRIBUTION_KINDS", "STATE_TYPES", "TRANSITION_KEYS", "Code", "Entry",
-    "GMFEncounter", "GMFRecord", "GMFRuntimeError", "Module", "ModuleError", "PersonState", "RandomSource",
-    "SimplePerson", "WellnessSchedule", "check_submodules", "from_millis", "load_module", "load_modules",
-    "reference_physiology", "run_person", "to_life", "to_life_encounters", "to_millis", "top_level_keys",
+    "CONDITION_TYPES", "DEFAULT_VITALS", "DISTRIBUTION_KINDS", "EXPORTED_KINDS", "STATE_TYPES",
+    "TRANSITION_KEYS", "Code", "Entry", "GMFEncounter", "GMFRecord", "GMFRuntimeError", "Module", "ModuleError",
+    "PersonState", "RandomSource", "SimplePerson", "WellnessSchedule", "check_submodules", "from_millis",
+    "load_module", "load_modules", "reference_physiology", "run_person", "to_life", "to_life_encounters",
+    "to_millis", "top_level_keys",
 ]
 
 Moment = dt.datetime | dt.date | int
@@ -81,6 +83,7 @@ _MEDICATION_BY_CODE = {concept.code: key for key, concept in codes.MEDICATIONS.i
 _LAB_BY_CODE = {lab.code: lab for lab in vars(codes).values() if isinstance(lab, codes.Lab)}
 _SMOKING_BY_CODE = {concept.code: key for key, concept in codes.SMOKING_VALUES.items()}
 _FOLLOWUP_CODE = codes.ENCOUNTER_TYPES["followup"][1].code
+_PROCEDURE_CODES = {codes.MED_RECONCILIATION.code, codes.A1C_MEASUREMENT.code}
 
 
 def _encounter_kind(encounter: GMFEncounter) -> str:
@@ -91,6 +94,18 @@ def _encounter_kind(encounter: GMFEncounter) -> str:
     if encounter.code == _FOLLOWUP_CODE or isinstance(encounter.reason, Entry):
         return "followup"
     return "symptom"
+
+
+# Entry kinds the exporter writes with the module's own codes when codes.py does not map them.
+# Not exported (left in `unmapped`): symptom, supply, imaging, death.
+EXPORTED_KINDS = frozenset({
+    "condition", "allergy", "observation", "panel", "procedure", "device", "medication", "immunization",
+    "report", "careplan",
+})
+
+
+def _has_codes(reason: Entry | Code | None) -> bool:
+    return isinstance(reason, Code) or (isinstance(reason, Entry) and bool(reason.codes))
 
 
 class _Converter:
@@ -112,11 +127,18 @@ class _Converter:
         return event
 
     def encounter(self, source: GMFEncounter) -> Encounter:
+        reason = self.condition(source.reason)
         target = Encounter(kind=_encounter_kind(source), start=from_millis(source.start),
                            end=from_millis(source.stop if source.stop is not None else source.start),
-                           resource_id=source.resource_id, practitioner=0, reason=self.condition(source.reason))
+                           resource_id=source.resource_id, practitioner=0, reason=reason)
+        if reason is None and _has_codes(source.reason):
+            target.other_reason = source.reason
         for entry in source.entries:
-            if not self.place(target, entry):
+            if self.place(target, entry):
+                continue
+            if entry.kind in EXPORTED_KINDS and entry.codes and entry.resource_id:
+                target.other.append(entry)  # written with the module's own codes
+            else:
                 self.unmapped.append(entry)
         return target
 
@@ -133,7 +155,7 @@ class _Converter:
             return self.observation(target, entry)
         if kind in ("panel", "report"):
             return self.panel(target, entry)
-        if kind == "procedure":
+        if kind == "procedure" and entry.code in _PROCEDURE_CODES and entry.reason is None:
             target.procedures.append((codes.Concept(entry.code, entry.codes[0].display), entry.resource_id))
             return True
         if kind == "immunization" and entry.code == codes.FLU_VACCINE.code and target.immunization_id is None:
@@ -183,9 +205,9 @@ class _Converter:
 
 
 def to_life_encounters(record: GMFRecord) -> tuple[list[Encounter], list[Entry]]:
-    """The record as lifecycle `Encounter`s (in start order), plus the entries the lifecycle model
-    cannot hold yet (codes outside `codes.py`, allergies, devices, supplies, imaging, entries
-    recorded outside any encounter, ...)."""
+    """The record as lifecycle `Encounter`s (in start order), plus the entries no encounter carries:
+    kinds outside `EXPORTED_KINDS` (supplies, imaging, ...) and entries recorded outside any
+    encounter. Entries of exported kinds whose codes `codes.py` does not map go to `Encounter.other`."""
     converter = _Converter()
     encounters = [converter.encounter(e) for e in sorted(record.encounters, key=lambda e: e.start)]
     outside = [e for e in record.entries if e.encounter is None and e.kind != "death"]

@@ -17,6 +17,8 @@ from typing import Any
 
 from fedlab.config import SiteConfig
 from fedlab.synthea import codes
+from fedlab.synthea.gmf.record import Entry
+from fedlab.synthea.gmf.values import Code, from_millis
 from fedlab.synthea.lifecycle import (
     ConditionEvent,
     Demographics,
@@ -186,27 +188,34 @@ class _PatientWriter:
         }
         if enc.reason is not None:
             resource["reasonCode"] = [self.condition_code(enc.reason.concept)]
+        elif enc.other_reason is not None:
+            resource["reasonCode"] = [_module_codeable(_reason_codes(enc.other_reason))]
         resource["serviceProvider"] = {"reference": self.providers.organization_reference,
                                        "display": self.providers.name}
         return resource
 
     def condition(self, event: ConditionEvent, enc: Encounter) -> Resource:
-        resolved = event.abatement is not None and event.abatement <= self.life.end
+        return self.condition_resource(event.resource_id, self.condition_code(event.concept), event.onset,
+                               event.abatement, enc)
+
+    def condition_resource(self, resource_id: str, code: dict[str, Any], onset: dt.datetime,
+                   abatement: dt.datetime | None, enc: Encounter) -> Resource:
+        resolved = abatement is not None and abatement <= self.life.end
         resource: Resource = {
-            "resourceType": "Condition", "id": event.resource_id,
+            "resourceType": "Condition", "id": resource_id,
             "clinicalStatus": {"coding": [{"system": codes.CONDITION_CLINICAL,
                                            "code": "resolved" if resolved else "active"}]},
             "verificationStatus": {"coding": [{"system": codes.CONDITION_VERIFICATION, "code": "confirmed"}]},
             "category": [{"coding": [{"system": codes.CONDITION_CATEGORY, "code": "encounter-diagnosis",
                                       "display": "Encounter Diagnosis"}]}],
-            "code": self.condition_code(event.concept),
+            "code": code,
             "subject": self.patient_ref,
             "encounter": _ref(enc.resource_id),
-            "onsetDateTime": fhir_time(event.onset),
+            "onsetDateTime": fhir_time(onset),
         }
         if resolved:
-            resource["abatementDateTime"] = fhir_time(event.abatement)  # type: ignore[arg-type]
-        resource["recordedDate"] = fhir_time(event.onset)
+            resource["abatementDateTime"] = fhir_time(abatement)  # type: ignore[arg-type]
+        resource["recordedDate"] = fhir_time(onset)
         return resource
 
     def _observation(self, resource_id: str, category: str, code: dict[str, Any], enc: Encounter) -> Resource:
@@ -312,10 +321,14 @@ class _PatientWriter:
         }
 
     def encounter_resources(self, enc: Encounter, exported: set[str]) -> list[Resource]:
-        """Synthea's order: Encounter, Condition, Observation, Procedure, MedicationRequest,
-        Immunization, DiagnosticReport, CarePlan."""
+        """Synthea's order: Encounter, Condition, AllergyIntolerance, Observation, Procedure, Device,
+        MedicationRequest, Immunization, DiagnosticReport, CarePlan. Within a type, entries codes.py
+        maps come before those written with the module's own codes (`enc.other`, in record order)."""
+        other = _OtherWriter(self, enc, exported) if enc.other else None
         out = [self.encounter(enc)]
         out += [self.condition(c, enc) for c in enc.conditions]
+        if other is not None:
+            out += other.resources("condition", "allergy")
         vitals = [m for m in enc.measurements if m.category == "vital-signs"]
         labs = [m for m in enc.measurements if m.category == "laboratory"]
         out += [self.measurement(m, enc) for m in vitals[:3]]
@@ -324,24 +337,294 @@ class _PatientWriter:
         out += [self.measurement(m, enc) for m in vitals[3:] + labs]
         if enc.smoking is not None:
             out.append(self.smoking(enc))
+        if other is not None:
+            out += other.resources("observation", "panel")
         out += [self.procedure(concept, rid, enc) for concept, rid in enc.procedures]
+        if other is not None:
+            out += other.resources("procedure", "device")
         out += [self.medication_request(m, enc, exported) for m in enc.medications]
+        if other is not None:
+            out += other.resources("medication")
         if enc.immunization_id is not None:
             out.append(self.immunization(enc))
+        if other is not None:
+            out += other.resources("immunization")
         lipid_codes = {codes.CHOLESTEROL.code, codes.TRIGLYCERIDES.code, codes.LDL.code, codes.HDL.code}
         lipids = [m for m in labs if m.lab.code in lipid_codes]
         if enc.lipid_report_id is not None and lipids:
             out.append(self.lipid_report(enc, lipids))
+        if other is not None:
+            out += other.resources("report")
         if enc.careplan is not None:
             out.append(self.careplan(enc))
+        if other is not None:
+            out += other.resources("careplan")
         return out
+
+
+# ---------------------------------------------------------------- entries written with the module's own codes
+
+def _module_codings(entry_codes: Iterable[Code]) -> list[dict[str, str]]:
+    return [{"system": codes.fhir_system(c.system), "code": c.code, "display": c.display} for c in entry_codes]
+
+
+def _module_codeable(entry_codes: tuple[Code, ...]) -> dict[str, Any]:
+    return {"coding": _module_codings(entry_codes), "text": entry_codes[0].display}
+
+
+def _reason_codes(reason: object) -> tuple[Code, ...]:
+    return reason.codes if isinstance(reason, Entry) else (reason,)  # type: ignore[return-value]
+
+
+def _time(ms: int) -> str:
+    return fhir_time(from_millis(ms))
+
+
+def _value(value: object, unit: str | None) -> dict[str, Any]:
+    """The `value[x]` of an observation or component; empty when the module recorded no value."""
+    if isinstance(value, bool):
+        return {"valueBoolean": value}
+    if isinstance(value, int | float):
+        return {"valueQuantity": _quantity(value, unit) if unit else {"value": value}}
+    if isinstance(value, Code):
+        return {"valueCodeableConcept": _module_codeable((value,))}
+    if isinstance(value, str):
+        return {"valueString": value}
+    return {}
+
+
+# GMF prescription `dosage.unit` -> UCUM time unit (Synthea's convertUcumCode).
+_PERIOD_UNITS = {"seconds": "s", "minutes": "min", "hours": "h", "days": "d", "weeks": "wk", "months": "mo",
+                 "years": "a"}
+_ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+_ALLERGY_VERIFICATION = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
+_ALLERGY_CATEGORIES = ("food", "medication", "environment", "biologic")
+
+
+class _OtherWriter:
+    """Synthea's FHIR shape for the entries of `enc.other` (codes.py does not map their codes)."""
+
+    def __init__(self, patient: _PatientWriter, enc: Encounter, exported: set[str]) -> None:
+        self.patient, self.enc, self.exported = patient, enc, exported
+        self.writers = {
+            "condition": self.condition, "allergy": self.allergy, "observation": self.observation,
+            "panel": self.panel, "procedure": self.procedure, "device": self.device,
+            "medication": self.medication_request, "immunization": self.immunization,
+            "report": self.report, "careplan": self.careplan,
+        }
+
+    def resources(self, *kinds: str) -> list[Resource]:
+        entries: list[Entry] = self.enc.other  # type: ignore[assignment]
+        return [self.writers[e.kind](e) for e in entries if e.kind in kinds]
+
+    def _stopped(self, entry: Entry) -> bool:
+        return entry.stop is not None and from_millis(entry.stop) <= self.patient.life.end
+
+    def _exported_reason(self, entry: Entry) -> Entry | None:
+        """The entry's reason when it is a condition this export writes (what a reference may name)."""
+        reason = entry.reason
+        if isinstance(reason, Entry) and reason.kind == "condition" and reason.resource_id in self.exported:
+            return reason
+        return None
+
+    def _base(self, entry: Entry, resource_type: str) -> Resource:
+        return {"resourceType": resource_type, "id": entry.resource_id}
+
+    def condition(self, entry: Entry) -> Resource:
+        abatement = None if entry.stop is None else from_millis(entry.stop)
+        return self.patient.condition_resource(entry.resource_id, _module_codeable(entry.codes),
+                                               from_millis(entry.start), abatement, self.enc)
+
+    def allergy(self, entry: Entry) -> Resource:
+        resource = self._base(entry, "AllergyIntolerance")
+        resource["clinicalStatus"] = {"coding": [{"system": _ALLERGY_CLINICAL,
+                                                  "code": "inactive" if self._stopped(entry) else "active"}]}
+        resource["verificationStatus"] = {"coding": [{"system": _ALLERGY_VERIFICATION, "code": "confirmed"}]}
+        if entry.details.get("allergy_type") in ("allergy", "intolerance"):
+            resource["type"] = entry.details["allergy_type"]
+        if entry.details.get("category") in _ALLERGY_CATEGORIES:
+            resource["category"] = [entry.details["category"]]
+        resource["criticality"] = "low"
+        resource["code"] = _module_codeable(entry.codes)
+        resource["patient"] = self.patient.patient_ref
+        resource["recordedDate"] = _time(entry.start)
+        return resource
+
+    def _observation(self, entry: Entry) -> Resource:
+        when = _time(entry.start)
+        resource = self._base(entry, "Observation")
+        resource["status"] = "final"
+        if entry.category:
+            resource["category"] = [{"coding": [{"system": codes.OBS_CATEGORY, "code": entry.category,
+                                                 "display": entry.category}]}]
+        resource.update({"code": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
+                         "encounter": _ref(self.enc.resource_id), "effectiveDateTime": when, "issued": when})
+        return resource
+
+    def observation(self, entry: Entry) -> Resource:
+        resource = self._observation(entry)
+        resource.update(_value(entry.value, entry.unit))
+        return resource
+
+    def panel(self, entry: Entry) -> Resource:
+        resource = self._observation(entry)
+        resource["component"] = [{"code": _module_codeable(part.codes), **_value(part.value, part.unit)}
+                                 for part in entry.parts if part.codes]
+        return resource
+
+    def procedure(self, entry: Entry) -> Resource:
+        resource = self._base(entry, "Procedure")
+        resource.update({
+            "status": "completed", "code": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
+            "encounter": _ref(self.enc.resource_id),
+            "performedPeriod": {"start": _time(entry.start), "end": _time(entry.stop or entry.start)},
+        })
+        reason = self._exported_reason(entry)
+        if reason is not None:
+            resource["reasonReference"] = [{**_ref(reason.resource_id), "display": reason.codes[0].display}]
+        elif entry.reason is not None:
+            resource["reasonCode"] = [_module_codeable(_reason_codes(entry.reason))]
+        return resource
+
+    def device(self, entry: Entry) -> Resource:
+        resource = self._base(entry, "Device")
+        resource["status"] = "inactive" if self._stopped(entry) else "active"
+        if isinstance(entry.details.get("manufacturer"), str):
+            resource["manufacturer"] = entry.details["manufacturer"]
+        resource["deviceName"] = [{"name": entry.codes[0].display, "type": "user-friendly-name"}]
+        if isinstance(entry.details.get("model"), str):
+            resource["modelNumber"] = entry.details["model"]
+        resource["type"] = _module_codeable(entry.codes)
+        resource["patient"] = self.patient.patient_ref
+        return resource
+
+    def medication_request(self, entry: Entry) -> Resource:
+        practitioner = self.patient.providers.practitioners[self.enc.practitioner]
+        resource = self._base(entry, "MedicationRequest")
+        resource.update({
+            "status": "stopped" if entry.stop is not None else "active", "intent": "order",
+            "medicationCodeableConcept": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
+            "encounter": _ref(self.enc.resource_id), "authoredOn": _time(entry.start),
+            "requester": {"reference": practitioner.conditional_reference, "display": practitioner.display},
+        })
+        reason = self._exported_reason(entry)
+        if reason is not None:  # as the codes.py drugs: the reference alone
+            resource["reasonReference"] = [_ref(reason.resource_id)]
+        dosage = _dosage(entry.details.get("prescription"))
+        if dosage is not None:
+            resource["dosageInstruction"] = [dosage]
+        return resource
+
+    def immunization(self, entry: Entry) -> Resource:
+        resource = self._base(entry, "Immunization")
+        resource.update({
+            "status": "completed", "vaccineCode": _module_codeable(entry.codes),
+            "patient": self.patient.patient_ref, "encounter": _ref(self.enc.resource_id),
+            "occurrenceDateTime": _time(entry.start), "primarySource": True,
+        })
+        return resource
+
+    def report(self, entry: Entry) -> Resource:
+        when = _time(entry.start)
+        resource = self._base(entry, "DiagnosticReport")
+        resource.update({
+            "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                      "code": "LAB", "display": "Laboratory"}]}],
+            "code": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
+            "encounter": _ref(self.enc.resource_id), "effectiveDateTime": when, "issued": when,
+        })
+        results = [{**_ref(p.resource_id), "display": p.codes[0].display}
+                   for p in entry.parts if p.resource_id in self.exported]
+        if results:
+            resource["result"] = results
+        return resource
+
+    def careplan(self, entry: Entry) -> Resource:
+        stopped = self._stopped(entry) or self.patient.life.death is not None
+        resource = self._base(entry, "CarePlan")
+        resource.update({
+            "status": "completed" if stopped else "active", "intent": "order",
+            "category": [{"coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/careplan-category",
+                                      "code": "assess-plan"}]}, _module_codeable(entry.codes)],
+            "subject": self.patient.patient_ref, "encounter": _ref(self.enc.resource_id),
+            "period": {"start": _time(entry.start)},
+        })
+        if entry.stop is not None and self._stopped(entry):
+            resource["period"]["end"] = _time(entry.stop)
+        reason = self._exported_reason(entry)
+        if reason is not None:
+            resource["addresses"] = [_ref(reason.resource_id)]
+        activities = [Code.parse(a) for a in entry.details.get("activities", []) if isinstance(a, dict)]
+        if activities:
+            resource["activity"] = [{"detail": {
+                "code": _module_codeable((a,)), "status": "completed" if stopped else "in-progress",
+                "location": {"display": self.patient.providers.name}}} for a in activities]
+        return resource
+
+
+def _dosage(prescription: object) -> dict[str, Any] | None:
+    """Synthea's dosageInstruction from a MedicationOrder's `prescription` (None without one)."""
+    if not isinstance(prescription, dict):
+        return None
+    as_needed = bool(prescription.get("as_needed", False))
+    dosage: dict[str, Any] = {"sequence": 1}
+    instructions = [Code.parse(i) for i in prescription.get("instructions", []) if isinstance(i, dict)]
+    if instructions:
+        dosage["additionalInstruction"] = [_module_codeable((i,)) for i in instructions]
+    dosage["asNeededBoolean"] = as_needed
+    amount = prescription.get("dosage")
+    if not as_needed and isinstance(amount, dict):
+        unit = _PERIOD_UNITS.get(str(amount.get("unit")))
+        repeat: dict[str, Any] = {"frequency": amount.get("frequency"), "period": amount.get("period")}
+        if unit is not None:
+            repeat["periodUnit"] = unit
+        dosage["timing"] = {"repeat": {k: v for k, v in repeat.items() if v is not None}}
+        if isinstance(amount.get("amount"), int | float):
+            dosage["doseAndRate"] = [{"type": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/dose-rate-type",
+                "code": "ordered", "display": "Ordered"}]}, "doseQuantity": {"value": amount["amount"]}}]
+    return dosage
+
+
+def _exported_encounters(life: Life) -> list[Encounter]:
+    """`exported_encounters`, plus older encounters whose `other` conditions, allergies, drugs,
+    devices or care plans are still active at the window start (kept as Synthea keeps them)."""
+    kept = {id(enc) for enc in exported_encounters(life)}
+    start = life.window_start
+
+    def still_active(enc: Encounter) -> bool:
+        return any(isinstance(e, Entry) and e.kind in _LASTING_KINDS
+                   and (e.stop is None or from_millis(e.stop) >= start) for e in enc.other)
+
+    return [enc for enc in life.encounters if id(enc) in kept or (enc.other and still_active(enc))]
+
+
+_LASTING_KINDS = ("condition", "allergy", "medication", "device", "careplan")
+
+
+def _exported_other_ids(encounters: list[Encounter]) -> set[str]:
+    """Ids of the conditions and observations written from `other` (what references may point to),
+    and of the mapped measurements a report of `other` may list."""
+    ids: set[str] = set()
+    for enc in encounters:
+        if not enc.other:
+            continue
+        ids.update(e.resource_id for e in enc.other if isinstance(e, Entry))
+        ids.update(m.resource_id for m in enc.measurements)
+        if enc.blood_pressure is not None:
+            ids.add(enc.blood_pressure[2])
+        if enc.smoking is not None:
+            ids.add(enc.smoking[1])
+    return ids
 
 
 def patient_resources(life: Life, site: SiteConfig, providers: Providers, mothers_maiden: str) -> list[Resource]:
     """All of one patient's resources in bundle order (Patient first)."""
     writer = _PatientWriter(life, site, providers)
-    encounters = exported_encounters(life)
+    encounters = _exported_encounters(life)
     exported = {c.resource_id for enc in encounters for c in enc.conditions}
+    exported |= _exported_other_ids(encounters)
     resources = [patient_resource(life.demographics, life.death, mothers_maiden)]
     for enc in encounters:
         resources += writer.encounter_resources(enc, exported)

@@ -124,6 +124,10 @@ class Encounter:
     immunization_id: str | None = None
     lipid_report_id: str | None = None
     careplan: tuple[str, ConditionEvent] | None = None  # resource id, addressed condition
+    # GMF engine only: entries (gmf.record.Entry) whose codes codes.py does not map, exported with
+    # the module's own codes, and the unmapped condition entry or code the encounter is for.
+    other: list[object] = field(default_factory=list)
+    other_reason: object | None = None
 
 
 @dataclass

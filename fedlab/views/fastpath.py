@@ -56,7 +56,20 @@ def reference_key(reference: Any, wanted_type: str | None) -> list[Any]:
     if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
         return []
     text = reference["reference"]
+    simple = _SIMPLE_REFERENCES.get(text)
+    if simple is None:
+        simple = _simple_reference(text)
+        if simple is not None:
+            if len(_SIMPLE_REFERENCES) >= 200_000:  # bounded: a site's patients and encounters fit
+                _SIMPLE_REFERENCES.clear()
+            _SIMPLE_REFERENCES[text] = simple
     declared_type = reference.get("type")
+    if simple is not None:
+        ref_type, key = simple
+        ref_type = ref_type or declared_type  # a `urn:uuid:` reference is typed by its `type` element
+        if wanted_type is not None and ref_type is not None and ref_type != wanted_type:
+            return []
+        return [key]
     match = _REFERENCE.search(text)
     if match:
         ref_type, key = match.group(1), match.group(2)
@@ -68,6 +81,24 @@ def reference_key(reference: Any, wanted_type: str | None) -> list[Any]:
     if wanted_type is not None and ref_type is not None and ref_type != wanted_type:
         return []
     return [key]
+
+
+_SIMPLE_REFERENCES: dict[str, tuple[str | None, str]] = {}
+_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-."
+
+
+def _simple_reference(text: str) -> tuple[str, str] | None:
+    """(type, id) of `Type/id`, or (None, id) of a slash-free `urn:uuid:id`, checked without regex;
+    None for every other shape, which the regular expressions then decide."""
+    if "/" not in text:
+        if text.startswith("urn:uuid:") and len(text) > 9 and "\n" not in text and "\r" not in text:
+            return None, text[9:]
+        return None
+    ref_type, _, key = text.partition("/")
+    if (0 < len(key) <= 64 and not key.strip(_ID_CHARS) and len(ref_type) > 1 and ref_type.isascii()
+            and ref_type.isalpha() and "A" <= ref_type[0] <= "Z"):
+        return ref_type, key  # `key` has no `/`: it is made of _ID_CHARS only
+    return None
 
 
 def _tokenize(path: str) -> list[tuple[str, str]]:

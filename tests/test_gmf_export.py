@@ -57,7 +57,7 @@ def test_builtin_modules_leave_nothing_for_the_module_code_path() -> None:
     lives = [simulate_life_gmf(900 + i, exp.sites[0], dt.date(2026, 1, 1), 8, 5, modules) for i in range(25)]
     encounters = [enc for life in lives for enc in life.encounters]
     assert sum(len(enc.conditions) + len(enc.measurements) for enc in encounters) > 100
-    assert not any(enc.other or enc.other_reason is not None for enc in encounters)
+    assert not any(enc.other or enc.other_reason is not None or enc.type_codes for enc in encounters)
 
 
 # ---------------------------------------------------------------- Synthea's reference modules
@@ -344,3 +344,22 @@ def test_allergies_and_devices_map_to_r5(tmp_path: Path) -> None:
     assert r5_device["name"][0]["value"] == device["deviceName"][0]["name"]
     assert r5_device["type"] == [device["type"]] and "patient" not in r5_device
     assert {"url": DEVICE_PATIENT_EXTENSION, "valueReference": device["patient"]} in r5_device["extension"]
+
+
+
+def test_encounters_keep_the_module_encounter_codes(tmp_path: Path) -> None:
+    """A module's own encounter code (not one of fedlab's encounter types) becomes Encounter.type;
+    an encounter without codes (a `wellness: true` visit) keeps fedlab's type for its kind."""
+    module = json.loads(json.dumps(EVERY_KIND_MODULE))
+    module["states"]["Recheck"]["codes"] = [_code("SNOMED-CT", "185347001", "Encounter for problem")]
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "every_kind.json").write_text(json.dumps(module))
+    exp = experiment_from_dict({"name": "t", "seed": 3, "sites": [{"id": "a", "patients": 2, "seed": 1}],
+                                "generate": {"years_of_history": 40, "workers": 1, "modules_dir": str(modules)}},
+                               root=tmp_path)
+    bulk = generate(exp, progress=False)["a"] / "bulk"
+    types = [json.loads(line)["type"][0]["coding"][0]
+             for line in (bulk / "Encounter.ndjson").read_text().splitlines()]
+    assert {(c["system"], c["code"]) for c in types} == {
+        (codes.SNOMED, codes.ENCOUNTER_TYPES["wellness"][1].code), (codes.SNOMED, "185347001")}

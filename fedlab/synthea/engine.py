@@ -133,6 +133,8 @@ class _Converter:
                            resource_id=source.resource_id, practitioner=0, reason=reason)
         if reason is None and _has_codes(source.reason):
             target.other_reason = source.reason
+        if source.codes and source.code != codes.ENCOUNTER_TYPES[target.kind][1].code:
+            target.type_codes = source.codes  # e.g. Synthea's own check-up or screening encounter codes
         for entry in source.entries:
             if self.place(target, entry):
                 continue

@@ -176,7 +176,7 @@ class _PatientWriter:
         resource: Resource = {
             "resourceType": "Encounter", "id": enc.resource_id, "status": "finished",
             "class": {"system": codes.ACT_CODE, "code": act_class},
-            "type": [_codeable(codes.SNOMED, concept)],
+            "type": [_module_codeable(enc.type_codes) if enc.type_codes else _codeable(codes.SNOMED, concept)],
             "subject": self.subject,
             "participant": [{
                 "type": [{"coding": [{"system": codes.PARTICIPATION, "code": "PPRF",

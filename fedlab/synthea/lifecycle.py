@@ -128,6 +128,7 @@ class Encounter:
     # the module's own codes, and the unmapped condition entry or code the encounter is for.
     other: list[object] = field(default_factory=list)
     other_reason: object | None = None
+    type_codes: tuple[object, ...] = ()  # GMF engine: the module's own encounter codes, if not the kind's
 
 
 @dataclass

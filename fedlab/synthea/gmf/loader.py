@@ -171,7 +171,9 @@ def check_submodules(modules: dict[str, Module], allow_missing: Iterable[str] = 
                 target = state.spec["submodule"]
                 if target not in modules and target not in allowed:
                     raise ModuleError(module.file, state.name, "submodule",
-                                      f"calls submodule '{target}', which is not among the loaded modules")
+                                      f"calls submodule '{target}', which is not among the loaded modules "
+                                      f"(add the module file, or list '{target}' in "
+                                      f"generate.allow_missing_submodules to skip the call)")
 
 
 # ---------------------------------------------------------------- parsing

@@ -274,16 +274,21 @@ EVERY_KIND_MODULE = {
 }
 
 
+def _generate_with(tmp_path: Path, module: dict[str, Any], **site: Any) -> Path:
+    """Generate two patients of one site with `module` as the only module; the site's bulk folder."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "every_kind.json").write_text(json.dumps(module))
+    exp = experiment_from_dict({"name": "t", "seed": 3, "sites": [{"id": "a", "patients": 2, "seed": 1, **site}],
+                                "generate": {"years_of_history": 40, "workers": 1, "modules_dir": str(modules)}},
+                               root=tmp_path)
+    return generate(exp, progress=False)["a"] / "bulk"
+
+
 def test_a_module_of_every_exported_kind_is_written_in_synthea_shape(tmp_path: Path) -> None:
     from fhir.resources.R4B import get_fhir_model_class
 
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    (modules / "every_kind.json").write_text(json.dumps(EVERY_KIND_MODULE))
-    exp = experiment_from_dict({
-        "name": "t", "seed": 3, "sites": [{"id": "a", "patients": 2, "seed": 1, "condition_system": "icd10"}],
-        "generate": {"years_of_history": 40, "workers": 1, "modules_dir": str(modules)}}, root=tmp_path)
-    folder = generate(exp, progress=False)["a"]
+    folder = _generate_with(tmp_path, EVERY_KIND_MODULE, condition_system="icd10").parent
     bulk = {p.stem: [json.loads(line) for line in p.read_text().splitlines()]
             for p in (folder / "bulk").glob("*.ndjson")}
     for resource_type, rows in bulk.items():
@@ -328,13 +333,7 @@ def test_a_module_of_every_exported_kind_is_written_in_synthea_shape(tmp_path: P
 def test_allergies_and_devices_map_to_r5(tmp_path: Path) -> None:
     from fedlab.fhir.r5 import DEVICE_PATIENT_EXTENSION, to_r5, validate_r5
 
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    (modules / "every_kind.json").write_text(json.dumps(EVERY_KIND_MODULE))
-    exp = experiment_from_dict({"name": "t", "seed": 3, "sites": [{"id": "a", "patients": 2, "seed": 1}],
-                                "generate": {"years_of_history": 40, "workers": 1, "modules_dir": str(modules)}},
-                               root=tmp_path)
-    bulk = generate(exp, progress=False)["a"] / "bulk"
+    bulk = _generate_with(tmp_path, EVERY_KIND_MODULE)
     allergy = json.loads((bulk / "AllergyIntolerance.ndjson").read_text().splitlines()[0])
     device = json.loads((bulk / "Device.ndjson").read_text().splitlines()[0])
     r5_allergy, r5_device = to_r5(allergy), to_r5(device)
@@ -346,19 +345,12 @@ def test_allergies_and_devices_map_to_r5(tmp_path: Path) -> None:
     assert {"url": DEVICE_PATIENT_EXTENSION, "valueReference": device["patient"]} in r5_device["extension"]
 
 
-
 def test_encounters_keep_the_module_encounter_codes(tmp_path: Path) -> None:
     """A module's own encounter code (not one of fedlab's encounter types) becomes Encounter.type;
     an encounter without codes (a `wellness: true` visit) keeps fedlab's type for its kind."""
     module = json.loads(json.dumps(EVERY_KIND_MODULE))
     module["states"]["Recheck"]["codes"] = [_code("SNOMED-CT", "185347001", "Encounter for problem")]
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    (modules / "every_kind.json").write_text(json.dumps(module))
-    exp = experiment_from_dict({"name": "t", "seed": 3, "sites": [{"id": "a", "patients": 2, "seed": 1}],
-                                "generate": {"years_of_history": 40, "workers": 1, "modules_dir": str(modules)}},
-                               root=tmp_path)
-    bulk = generate(exp, progress=False)["a"] / "bulk"
+    bulk = _generate_with(tmp_path, module)
     types = [json.loads(line)["type"][0]["coding"][0]
              for line in (bulk / "Encounter.ndjson").read_text().splitlines()]
     assert {(c["system"], c["code"]) for c in types} == {

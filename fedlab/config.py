@@ -87,9 +87,11 @@ class ExportConfig(_Strict):
 class FlattenConfig(_Strict):
     # views: fedlab's SQL-on-FHIR ViewDefinitions (fast, R4 and R5); fhiry: fhiry's DataFrame path.
     engine: Literal["views", "fhiry"] = "views"
-    # Where the views engine runs: "pandas" in this process, or "spark" on the session from `spark:`
-    # (so a cluster can flatten what one machine cannot). The fhiry engine always runs in pandas.
-    runner: Literal["pandas", "spark"] = "pandas"
+    # Where the views engine runs: "pandas" in this process; "spark": executors of the session from
+    # `spark:` parse and flatten, the driver collects the rows (files identical to pandas');
+    # "spark-distributed": rows stay on the executors and tables are written as Parquet datasets
+    # (folders), so a cluster can flatten what one machine cannot. fhiry always runs in pandas.
+    runner: Literal["pandas", "spark", "spark-distributed"] = "pandas"
 
 
 class TaskConfig(_Strict):

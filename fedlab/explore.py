@@ -92,7 +92,7 @@ def read_tables(exp: Experiment, run: str, table: str) -> pd.DataFrame:
     frames = []
     for site in exp.site_ids:
         path = exp.data_path("tables", run, site) / f"{table}.parquet"
-        if path.is_file():
+        if path.exists():  # a file, or a Parquet dataset folder (runner spark-distributed)
             frames.append(pd.read_parquet(path).assign(site=site))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

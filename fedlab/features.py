@@ -151,7 +151,7 @@ def read_tables(spark: SparkSession, folder: Path, site: str) -> dict[str, DataF
         path = folder / f"{name}.parquet"
         if not path.exists():
             raise FeatureError(f"site {site}: table {name}.parquet not found in {folder}")
-        arrow_schema = pq.read_schema(path)
+        arrow_schema = _parquet_schema(path)
         missing = [c for c in columns if c not in arrow_schema.names]
         if missing:
             raise FeatureError(f"site {site}: {path} lacks column(s) {', '.join(missing)}")
@@ -162,6 +162,16 @@ def read_tables(spark: SparkSession, folder: Path, site: str) -> dict[str, DataF
             schema = ", ".join(f"`{c}` {t}" for c, t in zip(columns, ddl, strict=True))
             tables[name] = spark.read.schema(schema).parquet(str(path))
     return tables
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
+    """A table's schema, from one Parquet file or a Parquet dataset folder (`flatten.runner:
+    spark-distributed` writes folders of part files)."""
+    if path.is_dir():
+        import pyarrow.dataset as ds
+
+        return ds.dataset(path, format="parquet").schema
+    return pq.read_schema(path)
 
 
 def _spark_type(arrow_type: pa.DataType) -> str | None:

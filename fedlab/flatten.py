@@ -18,6 +18,9 @@ rest is flattened by one of two engines (`flatten.engine`):
 The views engine runs in this process (`flatten.runner: pandas`) or on a Spark session
 (`flatten.runner: spark`, `flatten_ndjson_spark`): executors parse, check and flatten the lines, the
 driver does the file-order accounting and everything after, so both runners write the same files.
+With `flatten.runner: spark-distributed` (`flatten_ndjson_spark_distributed`) the rows never reach
+the driver: executors also apply the duplicate-id rule, derive, harmonize and write each table as a
+Parquet dataset; only line counts, quarantined lines and report counts are collected.
 
 Both engines then share the same derivations (OMB race/ethnicity labels, condition concepts,
 drug classes), unit harmonization with the maps in `fedlab/harmonization/`, quarantine and
@@ -1690,6 +1693,278 @@ def export_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
     return paths, {}
 
 
+# ---- runner `spark-distributed`: the rows stay on the executors --------------------------------
+#
+# The same `_spark_lines` records as runner `spark`, kept (persisted) on the executors. The driver
+# collects only one summary per (file, partition): its line count, its quarantined lines and its
+# count of ignored types; line numbers are then partition offsets plus the line's place in its
+# partition. The duplicate-id rule (first occurrence in file and line order wins among lines that
+# pass the checks) is a combineByKey over (resourceType, id) -> (file, partition, line in partition),
+# which orders exactly as (file, line) does; only the losers reach the driver and come back as a
+# broadcast set. Each table's admitted rows then go, in pickled chunks, through `mapInPandas` running
+# the pandas runner's own `_finish` (derivation, harmonization, `_conform`), and Spark writes the
+# result as a Parquet dataset. The report counts are aggregated by Spark from the written datasets.
+
+ROWS_PER_CHUNK = 20_000
+
+
+@dataclass
+class DistributedResult:
+    """What the driver holds after `flatten_ndjson_spark_distributed`: no table rows."""
+
+    report: dict[str, Any]  # the content of harmonization.json
+    quarantine: list[dict[str, Any]]
+    counts: dict[str, int]  # rows per table
+
+
+def flatten_ndjson_spark_distributed(spark: SparkSession, paths: list[Path], types: dict[str, str] | None,
+                                     folder: Path) -> DistributedResult:
+    """Flatten typed NDJSON files on Spark executors into `folder/<table>.parquet/` (Parquet datasets,
+    one part file per non-empty partition; `folder` should be a staging folder that is renamed into
+    place when complete). Same rows, harmonization report and quarantine as `flatten_ndjson`."""
+    from pyspark import StorageLevel
+
+    from fedlab.views import load_definitions
+    from fedlab.views.spark import use_driver_python_locally
+
+    types = types or {}
+    sources = [_Source(Path(p), types.get(Path(p).name) or _type_from_name(Path(p).name)) for p in paths]
+    for source in sources:
+        if not source.path.is_file():
+            raise FlattenError(f"NDJSON input not found: {source.path}")
+    definitions = load_definitions()
+    use_driver_python_locally(spark)
+    context = spark.sparkContext
+    # One persisted RDD per file: the accounting jobs read them all, each table only its own files.
+    per_file = [context.textFile(str(source.path.resolve())).mapPartitionsWithIndex(
+        functools.partial(_spark_lines, index, source.expected_type, definitions)).persist(
+        StorageLevel.MEMORY_AND_DISK) for index, source in enumerate(sources)]
+    excluded = None
+    try:
+        records = context.union(per_file) if per_file else context.emptyRDD()
+        collected = _spark_job(sources, lambda: _accounting(records, context.defaultParallelism).collect())
+        summaries = [value for kind, value in collected if kind == "summary"]
+        duplicates = [value for kind, value in collected if kind == "duplicate"]
+        quarantine, files = _distributed_accounting(sources, summaries, duplicates)
+        excluded = context.broadcast({position for position, _ in duplicates})
+        counts, tables = {}, {}
+        for rtype, table in TABLE_OF_TYPE.items():
+            # A typed file's admitted lines all have its type (other types are quarantined).
+            own = [rdd for rdd, source in zip(per_file, sources, strict=True)
+                   if source.expected_type in (rtype, "", None)]
+            rows = context.union(own) if own else context.emptyRDD()
+            path = folder / f"{table}.parquet"
+            _spark_job(sources, lambda rtype=rtype, rows=rows, path=path: _write_dataset(
+                spark, rows, rtype, definitions, excluded, path))
+            tables[table] = _spark_job(sources, lambda table=table, path=path: _table_counts(spark, table, path))
+            counts[table] = tables[table]["rows"]
+    finally:
+        for rdd in per_file:
+            rdd.unpersist()
+        if excluded is not None:
+            excluded.unpersist()
+    units = tables["observation"].pop("units_seen")
+    report = _report(tables, files, units, len(quarantine))
+    return DistributedResult(report, quarantine, counts)
+
+
+def _spark_job(sources: list[_Source], job: Callable[[], Any]) -> Any:
+    try:
+        return job()
+    except Exception as error:  # py4j / PythonException: name the input instead of a JVM trace
+        message = str(error).strip().splitlines()
+        raise FlattenError(f"Spark could not flatten {', '.join(str(s.path) for s in sources)}: "
+                           f"{message[-1] if message else type(error).__name__}") from None
+
+
+def _accounting(records: Any, partitions: int) -> Any:
+    """One job over the persisted records: ("summary", (file, partition, lines incl. blank, non-blank
+    lines, ignored types, [(line in partition, reason)] of the lines that failed the checks)) per
+    partition, and ("duplicate", ((file, partition, line in partition), reason)) for every checked
+    line whose (type, id) an earlier line already took. Summaries ride the same shuffle under keys
+    no resource has (None instead of a type), so the records are read once."""
+    keyed = records.mapPartitions(_keyed_lines)
+    merged = keyed.combineByKey(_first_seen, _add_seen, _merge_seen, partitions)
+    return merged.flatMap(_accounting_output)
+
+
+def _keyed_lines(records: Iterable[tuple]) -> Iterator[tuple]:
+    """On an executor: ((type, id key), (position, id)) per line that passed the checks
+    and belongs in a table, then (None, (file, partition)) -> this partition's summary."""
+    key, count, non_blank, ignored, failed = None, 0, 0, 0, []
+    for file_index, partition, local, reason, rtype, rid, _rows in records:
+        if local is None:
+            key, count = (file_index, partition), reason
+            continue
+        non_blank += 1
+        if reason is not None:
+            failed.append((local, reason))
+        elif rtype not in TABLE_OF_TYPE:
+            ignored += 1
+        else:
+            yield (rtype, _id_key(rid)), ((file_index, partition, local), rid)
+    if key is not None:
+        yield (None, key), ((*key, count, non_blank, ignored, failed), None)
+
+
+def _accounting_output(item: tuple) -> list[tuple]:
+    (rtype, _), (first, later) = item
+    if rtype is None:
+        return [("summary", first[0])]
+    return [("duplicate", (position, f"duplicate {rtype} id {rid}")) for position, rid in later]
+
+
+def _id_key(rid: Any) -> Any:
+    # The ledger compares ids with Python equality; ids are strings in practice, anything else is
+    # compared by its JSON text (type-tagged so that 1 and "1" stay different ids).
+    return rid if type(rid) is str else ("json", json.dumps(rid, sort_keys=True))
+
+
+def _first_seen(entry: tuple) -> tuple:
+    return entry, []
+
+
+def _add_seen(seen: tuple, entry: tuple) -> tuple:
+    first, later = seen
+    return (entry, [*later, first]) if entry[0] < first[0] else (first, [*later, entry])
+
+
+def _merge_seen(left: tuple, right: tuple) -> tuple:
+    first, later = left if left[0][0] < right[0][0] else right
+    other = right if first is left[0] else left
+    return first, [*later, other[0], *other[1]]
+
+
+def _distributed_accounting(sources: list[_Source], summaries: list[tuple], duplicates: list[tuple]
+                            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The quarantine records in file and line order, and the per-file line accounting, exactly as
+    `_Ledger` gives them."""
+    offsets: dict[tuple[int, int], int] = {}
+    last_line: dict[int, int] = {}
+    for file_index, partition, count, *_ in sorted(summaries, key=lambda s: (s[0], s[1])):
+        offsets[(file_index, partition)] = last_line.get(file_index, 0)
+        last_line[file_index] = last_line.get(file_index, 0) + count
+    bad = [(f, offsets[(f, p)] + local + 1, reason) for f, p, *_, failed in summaries for local, reason in failed]
+    bad += [(f, offsets[(f, p)] + local + 1, reason) for (f, p, local), reason in duplicates]
+    quarantine = []
+    for file_index, lineno, reason in sorted(bad, key=lambda b: (b[0], b[1])):
+        if isinstance(reason, tuple):  # malformed JSON: the message depends on a final newline
+            reason = reason[1] if lineno == last_line[file_index] and not _ends_with_newline(
+                sources[file_index].path) else reason[0]
+        quarantine.append({"file": sources[file_index].path.name, "line": lineno, "reason": reason})
+    files = []
+    for index, source in enumerate(sources):
+        lines = sum(s[3] for s in summaries if s[0] == index)
+        quarantined = sum(len(s[5]) for s in summaries if s[0] == index) + sum(
+            1 for (f, _, _), _ in duplicates if f == index)
+        files.append({"file": source.path.name, "type": source.expected_type, "lines": lines,
+                      "resources": lines - quarantined, "quarantined": quarantined,
+                      "ignored_types": sum(s[4] for s in summaries if s[0] == index)})
+    return quarantine, files
+
+
+def spark_schema(schema: pa.Schema) -> Any:
+    """The Spark schema of a table contract (strings, dates, UTC timestamps, doubles)."""
+    from pyspark.sql.types import DateType, DoubleType, StringType, StructField, StructType, TimestampType
+
+    def spark_type(arrow_type: pa.DataType) -> Any:
+        if pa.types.is_string(arrow_type):
+            return StringType()
+        if pa.types.is_date32(arrow_type):
+            return DateType()
+        if pa.types.is_timestamp(arrow_type):
+            return TimestampType()
+        if pa.types.is_float64(arrow_type):
+            return DoubleType()
+        raise FlattenError(f"no Spark type for {arrow_type} in the table contract")
+
+    return StructType([StructField(f.name, spark_type(f.type), nullable=True) for f in schema])
+
+
+def _write_dataset(spark: SparkSession, records: Any, rtype: str, definitions: dict[str, dict[str, Any]],
+                   excluded: Any, path: Path) -> None:
+    from pyspark.sql.types import BinaryType, StructField, StructType
+
+    chunks = records.mapPartitions(functools.partial(_admitted_chunks, rtype, excluded))
+    frame = spark.createDataFrame(chunks, StructType([StructField("chunk", BinaryType(), False)]))
+    table = frame.mapInPandas(functools.partial(_derive_chunks, rtype, definitions),
+                              schema=spark_schema(SCHEMAS[TABLE_OF_TYPE[rtype]]))
+    table.write.parquet(str(path))
+
+
+def _admitted_chunks(rtype: str, excluded: Any, records: Iterable[tuple]) -> Iterator[tuple[bytes]]:
+    """On an executor: the view rows of this partition's admitted `rtype` lines, pickled in chunks."""
+    import pickle
+
+    skip = excluded.value
+    rows: list[tuple] = []
+    for file_index, partition, local, reason, line_type, _rid, line_rows in records:
+        if local is None or reason is not None or line_type != rtype or (file_index, partition, local) in skip:
+            continue
+        rows.extend(line_rows)
+        if len(rows) >= ROWS_PER_CHUNK:
+            yield (pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL),)
+            rows = []
+    if rows:
+        yield (pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL),)
+
+
+def _derive_chunks(rtype: str, definitions: dict[str, dict[str, Any]], batches: Iterable[pd.DataFrame]
+                   ) -> Iterator[pd.DataFrame]:
+    """On an executor: each chunk of view rows through the pandas runner's derivation, harmonization
+    and `_conform` (`_finish` over an engine holding only this chunk)."""
+    import pickle
+
+    engine = ViewsEngine(definitions)
+    for batch in batches:
+        for chunk in batch["chunk"]:
+            engine.rows = {name: [] for name in TABLE_OF_TYPE}
+            engine.add_rows(rtype, pickle.loads(chunk))
+            yield _finish(engine, _Ledger()).tables[TABLE_OF_TYPE[rtype]]
+
+
+def _table_counts(spark: SparkSession, table: str, path: Path) -> dict[str, Any]:
+    """Rows, flags (and for observations the units seen per concept) of a written dataset, counted
+    as `FlattenResult.harmonization` counts them."""
+    from pyspark.sql import functions as F
+
+    frame = spark.read.schema(spark_schema(SCHEMAS[table])).parquet(str(path))
+    if table == "observation":
+        unit_seen = F.when(F.col("concept").isNotNull(),
+                           F.coalesce(F.when(F.col("unit") != "", F.col("unit")), F.lit("(none)")))
+        groups = frame.groupBy("flag", "concept", unit_seen.alias("unit_seen")).count().collect()
+    elif table == "condition":
+        groups = frame.groupBy("flag").count().collect()
+    elif table == "medication_request":
+        flag = F.when(F.col("concept").isNotNull(), "ok").otherwise("unknown_code")
+        groups = frame.groupBy(flag.alias("flag")).count().collect()
+    else:
+        return {"rows": frame.count()}
+    entry: dict[str, Any] = {"rows": sum(g["count"] for g in groups)}
+    flags = Counter()
+    for group in groups:
+        flags[group["flag"]] += group["count"]
+    entry["flags"] = {flag: int(flags.get(flag, 0)) for flag in hz.FLAGS}
+    if table == "observation":
+        units: dict[str, dict[str, int]] = {}
+        for group in groups:
+            if group["concept"] is not None:
+                seen = units.setdefault(group["concept"], {})
+                seen[group["unit_seen"]] = seen.get(group["unit_seen"], 0) + group["count"]
+        entry["units_seen"] = units
+    return entry
+
+
+def _report(tables: dict[str, Any], files: list[dict[str, Any]], units: dict[str, dict[str, int]],
+            quarantined: int) -> dict[str, Any]:
+    """harmonization.json, shaped as `FlattenResult.harmonization` shapes it."""
+    lines = sum(f["lines"] for f in files)
+    accepted = sum(f["resources"] for f in files)
+    return {"tables": tables, "files": files, "units_seen": units,
+            "reconciliation": {"lines": lines, "resources": accepted, "quarantined": quarantined,
+                               "balanced": lines == accepted + quarantined}}
+
+
 # ---- writing ------------------------------------------------------------------------------
 
 def _to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -1702,30 +1977,48 @@ def write_tables(result: FlattenResult, out: Path, info: dict[str, Any]) -> Path
     with staging_dir(out) as tmp:
         for table, frame in result.tables.items():
             pq.write_table(_to_arrow(frame, SCHEMAS[table]), tmp / f"{table}.parquet")
-        write_json(tmp / "harmonization.json", result.harmonization())
-        with atomic_open(tmp / "quarantine.ndjson", "w", encoding="utf-8") as handle:
-            for row in result.quarantine:
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
         counts = {table: len(frame) for table, frame in result.tables.items()}
-        write_json(tmp / SUCCESS, {"stage": "flatten", **info, "counts": counts,
-                                   "quarantined": len(result.quarantine),
-                                   "write_seconds": round(time.perf_counter() - started, 3),
-                                   "finished": dt.datetime.now(dt.UTC).isoformat()})
+        _write_reports(tmp, result.harmonization(), result.quarantine, counts, info, started)
     return out
 
 
+def _write_reports(folder: Path, report: dict[str, Any], quarantine: list[dict[str, Any]],
+                   counts: dict[str, int], info: dict[str, Any], started: float) -> None:
+    write_json(folder / "harmonization.json", report)
+    with atomic_open(folder / "quarantine.ndjson", "w", encoding="utf-8") as handle:
+        for row in quarantine:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+    write_json(folder / SUCCESS, {"stage": "flatten", **info, "counts": counts, "quarantined": len(quarantine),
+                                  "write_seconds": round(time.perf_counter() - started, 3),
+                                  "finished": dt.datetime.now(dt.UTC).isoformat()})
+
+
+Runner = Literal["pandas", "spark", "spark-distributed"]
+SPARK_RUNNERS: tuple[str, ...] = ("spark", "spark-distributed")
+
+
 def flatten_site(folder: Path, out: Path, site: str | None = None, engine: str = "views",
-                 spark: SparkSession | None = None) -> Path:
-    """Flatten one export folder into `out`; with `spark`, the views engine runs on that session."""
+                 spark: SparkSession | None = None, runner: Runner | None = None) -> Path:
+    """Flatten one export folder into `out`; with `spark`, the views engine runs on that session
+    (`runner` "spark", the default then, or "spark-distributed")."""
+    runner = runner or ("spark" if spark is not None else "pandas")
     if not folder.is_dir():
         raise FlattenError(f"export folder not found: {folder}" + (f" (site {site})" if site else ""))
-    if spark is not None and engine != "views":
-        raise FlattenError(f"flatten.runner 'spark' runs the views engine only, not {engine!r}")
+    if runner in SPARK_RUNNERS and engine != "views":
+        raise FlattenError(f"flatten.runner {runner!r} runs the views engine only, not {engine!r}")
+    if runner in SPARK_RUNNERS and spark is None:
+        raise FlattenError(f"flatten.runner {runner!r} needs a Spark session")
     started = time.perf_counter()
     paths, types = export_files(folder)
-    result = flatten_ndjson_spark(spark, paths, types) if spark is not None else flatten_ndjson(paths, types, engine)
-    info = {"site": site, "engine": engine, "runner": "spark" if spark is not None else "pandas",
-            "source": str(folder), "seconds": round(time.perf_counter() - started, 3)}
+    info = {"site": site, "engine": engine, "runner": runner, "source": str(folder)}
+    if runner == "spark-distributed":
+        with staging_dir(out) as tmp:
+            result = flatten_ndjson_spark_distributed(spark, paths, types, tmp)  # type: ignore[arg-type]
+            info["seconds"] = round(time.perf_counter() - started, 3)
+            _write_reports(tmp, result.report, result.quarantine, result.counts, info, time.perf_counter())
+        return out
+    result = flatten_ndjson_spark(spark, paths, types) if runner == "spark" else flatten_ndjson(paths, types, engine)
+    info["seconds"] = round(time.perf_counter() - started, 3)
     return write_tables(result, out, info)
 
 
@@ -1736,9 +2029,9 @@ def flatten(exp: Experiment, run: str | None = None, sites: list[str] | None = N
     site_ids = sites or exp.site_ids
     for site in site_ids:
         exp.site(site)  # unknown site -> ConfigError naming the config
-    engine = exp.flatten.engine
-    if exp.flatten.runner == "spark" and engine != "views":
-        raise FlattenError(f"flatten.runner 'spark' runs the views engine only; flatten.engine is {engine!r}")
+    engine, runner = exp.flatten.engine, exp.flatten.runner
+    if runner in SPARK_RUNNERS and engine != "views":
+        raise FlattenError(f"flatten.runner {runner!r} runs the views engine only; flatten.engine is {engine!r}")
     spark = None
     outputs: dict[str, Path] = {}
     iterator: Iterable[str] = site_ids
@@ -1751,11 +2044,11 @@ def flatten(exp: Experiment, run: str | None = None, sites: list[str] | None = N
         if is_complete(out) and not force and _made_by(out, engine):
             outputs[site] = out
             continue
-        if exp.flatten.runner == "spark" and spark is None:
+        if runner in SPARK_RUNNERS and spark is None:
             from fedlab.spark import get_spark
 
             spark = get_spark(exp)  # one session for every site
-        outputs[site] = flatten_site(exp.data_path("export", run, site), out, site, engine, spark)
+        outputs[site] = flatten_site(exp.data_path("export", run, site), out, site, engine, spark, runner)
     return outputs
 
 

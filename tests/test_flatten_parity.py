@@ -201,3 +201,65 @@ def test_spark_runner_writes_the_same_site(generated: dict[str, Path], tmp_path:
 
     with pytest.raises(FlattenError, match="not found: .*Missing.ndjson"):
         flatten_ndjson_spark(spark, [tmp_path / "Missing.ndjson"])
+
+
+def _add_duplicates(folder: Path) -> list[tuple[str, int, str]]:
+    """Duplicate ids across partitions and across files: (file, line, reason) expected in quarantine."""
+    encounter = folder / "Encounter.ndjson"
+    lines = encounter.read_text().splitlines()
+    first = json.loads(lines[0])
+    encounter.write_text("\n".join([*lines, lines[0]]) + "\n")  # same id in the file's first and last split
+    observations = [line for line in (folder / "Observation.ndjson").read_text().splitlines()[-20:-2]
+                    if line.startswith("{") and '"component"' not in line]
+    taken = json.loads(observations[-1])
+    # Sorted before Observation.ndjson, so its copy of `taken` is the first occurrence.
+    (folder / "Observation.extra.ndjson").write_text("\n".join([
+        observations[-1], json.dumps({**taken, "id": "extra-only"}), json.dumps({"resourceType": "Patient"})]) + "\n")
+    taken_line = (folder / "Observation.ndjson").read_text().splitlines().index(observations[-1]) + 1
+    return [("Encounter.ndjson", len(lines) + 1, f"duplicate Encounter id {first['id']}"),
+            ("Observation.ndjson", taken_line, f"duplicate Observation id {taken['id']}")]
+
+
+def test_spark_distributed_runner_same_rows_as_pandas(generated: dict[str, Path], tmp_path: Path, spark) -> None:
+    from fedlab.flatten import FlattenError, flatten
+
+    runs, expected = {}, []
+    for runner in ("pandas", "spark-distributed"):
+        exp = experiment_from_dict({"name": "runners", "data_dir": str(tmp_path / runner),
+                                    "flatten": {"runner": runner},
+                                    "sites": [{"id": "a", "patients": 20, "seed": 6}]})
+        export = exp.data_path("export", None, "a")
+        _spark_export(generated["icd_mmol"], export)
+        expected = _add_duplicates(export)
+        runs[runner] = flatten(exp, progress=False)["a"]
+    pandas_out, spark_out = runs["pandas"], runs["spark-distributed"]
+    assert json.loads((spark_out / "_SUCCESS.json").read_text())["runner"] == "spark-distributed"
+    left, right = {}, {}
+    for table, schema in SCHEMAS.items():
+        dataset = spark_out / f"{table}.parquet"
+        assert dataset.is_dir() and list(dataset.glob("part-*.parquet")), table
+        assert pq.read_table(dataset).schema.equals(schema, check_metadata=False), table
+        left[table], right[table] = pd.read_parquet(pandas_out / f"{table}.parquet"), pd.read_parquet(dataset)
+        assert len(left[table]) > 0 and dict(left[table].dtypes) == dict(right[table].dtypes), table
+    assert_same_tables(left, right)  # the same rows as multisets, in any order
+    from fedlab.features import read_tables as feature_tables
+
+    for name, frame in feature_tables(spark, spark_out, "a").items():  # the next stage reads the folders
+        assert frame.count() == len(left[name]), name
+    for name in ("harmonization.json", "quarantine.ndjson"):
+        assert (pandas_out / name).read_text() == (spark_out / name).read_text(), name
+    quarantine = [json.loads(line) for line in (spark_out / "quarantine.ndjson").read_text().splitlines()]
+    assert {(q["file"], q["line"], q["reason"]) for q in quarantine} >= set(expected)
+    assert {q["file"] for q in quarantine} == {"Encounter.ndjson", "Observation.ndjson", "Observation.extra.ndjson"}
+    report = json.loads((spark_out / "harmonization.json").read_text())
+    assert report["reconciliation"]["balanced"] and report["reconciliation"]["quarantined"] == len(quarantine) == 8
+    assert "extra-only" in set(right["observation"]["observation_id"])
+
+    with pytest.raises(FlattenError, match="'spark-distributed' runs the views engine only"):
+        flatten(experiment_from_dict({"name": "runners", "data_dir": str(tmp_path / "spark-distributed"),
+                                      "flatten": {"runner": "spark-distributed", "engine": "fhiry"},
+                                      "sites": [{"id": "a", "patients": 2, "seed": 1}]}), progress=False)
+    from fedlab.flatten import flatten_ndjson_spark_distributed
+
+    with pytest.raises(FlattenError, match="not found: .*Missing.ndjson"):
+        flatten_ndjson_spark_distributed(spark, [tmp_path / "Missing.ndjson"], None, tmp_path / "out")

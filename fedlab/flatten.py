@@ -1517,17 +1517,23 @@ def _finish(flattener: FhiryEngine | ViewsEngine, ledger: _Ledger) -> FlattenRes
 # smaller than the JSON), followed by the same derivation, harmonization and Parquet writing as
 # the pandas runner, so both runners write identical tables.
 
+def _ndjson_sources(paths: list[Path], types: dict[str, str] | None) -> list[_Source]:
+    """Each NDJSON input with its expected resource type; a missing file is an error."""
+    types = types or {}
+    sources = [_Source(Path(p), types.get(Path(p).name) or _type_from_name(Path(p).name)) for p in paths]
+    for source in sources:
+        if not source.path.is_file():
+            raise FlattenError(f"NDJSON input not found: {source.path}")
+    return sources
+
+
 def flatten_ndjson_spark(spark: SparkSession, paths: list[Path], types: dict[str, str] | None = None
                          ) -> FlattenResult:
     """`flatten_ndjson` with the views engine, the per-line work done by Spark executors."""
     from fedlab.views import load_definitions
     from fedlab.views.spark import use_driver_python_locally
 
-    types = types or {}
-    sources = [_Source(Path(p), types.get(Path(p).name) or _type_from_name(Path(p).name)) for p in paths]
-    for source in sources:
-        if not source.path.is_file():
-            raise FlattenError(f"NDJSON input not found: {source.path}")
+    sources = _ndjson_sources(paths, types)
     definitions = load_definitions()
     engine = ViewsEngine(definitions)
     ledger = _Ledger()
@@ -1727,11 +1733,7 @@ def flatten_ndjson_spark_distributed(spark: SparkSession, paths: list[Path], typ
     from fedlab.views import load_definitions
     from fedlab.views.spark import use_driver_python_locally
 
-    types = types or {}
-    sources = [_Source(Path(p), types.get(Path(p).name) or _type_from_name(Path(p).name)) for p in paths]
-    for source in sources:
-        if not source.path.is_file():
-            raise FlattenError(f"NDJSON input not found: {source.path}")
+    sources = _ndjson_sources(paths, types)
     definitions = load_definitions()
     use_driver_python_locally(spark)
     context = spark.sparkContext

@@ -1383,7 +1383,10 @@ class _Source:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    # utf-8-sig: a byte-order mark at the start of a file (Windows tools write one) is not JSON.
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _ndjson_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -1570,6 +1573,8 @@ def _spark_lines(file_index: int, expected_type: str | None, definitions: dict[s
     count = 0
     for local, text in enumerate(lines):
         count += 1
+        if partition == 0 and local == 0:
+            text = text.removeprefix("\ufeff")  # a byte-order mark, as the pandas runner's utf-8-sig
         if not text or text.isspace():
             continue
         try:

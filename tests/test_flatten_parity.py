@@ -263,3 +263,20 @@ def test_spark_distributed_runner_same_rows_as_pandas(generated: dict[str, Path]
 
     with pytest.raises(FlattenError, match="not found: .*Missing.ndjson"):
         flatten_ndjson_spark_distributed(spark, [tmp_path / "Missing.ndjson"], None, tmp_path / "out")
+
+
+def test_a_byte_order_mark_is_not_a_malformed_line_in_any_runner(tmp_path: Path, spark) -> None:
+    from fedlab.flatten import flatten_ndjson_spark
+
+    lines = [json.dumps({"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1970-01-01"})
+             for pid in ("a", "b")]
+    plain, marked = tmp_path / "plain" / "Patient.ndjson", tmp_path / "marked" / "Patient.ndjson"
+    for path, text in ((plain, "\n".join(lines) + "\n"), (marked, "\ufeff" + "\n".join(lines) + "\n")):
+        path.parent.mkdir()
+        path.write_text(text, encoding="utf-8")
+    gz = marked.with_name("Patient.ndjson.gz")
+    gz.write_bytes(gzip.compress(marked.read_bytes()))
+    expected = flatten_ndjson([plain]).tables["patient"]
+    for result in (flatten_ndjson([marked]), flatten_ndjson([gz]), flatten_ndjson_spark(spark, [marked])):
+        assert result.harmonization()["reconciliation"]["quarantined"] == 0
+        pd.testing.assert_frame_equal(result.tables["patient"], expected)

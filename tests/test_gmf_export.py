@@ -159,6 +159,7 @@ def test_no_coding_keeps_a_plain_gmf_system_name(reference_site: ReferenceSite) 
     assert systems[codes.LOINC] > 1000 and systems[codes.SNOMED] > 100 and systems[codes.RXNORM] > 0
     plain = {s for s in systems if not s.startswith(("http://", "https://", "urn:"))}
     assert not plain
+    assert json.loads((reference_site.folder / "_SUCCESS.json").read_text())["unknown_code_systems"] == []
 
 
 def test_a_sample_of_every_resource_type_validates_as_r4(reference_site: ReferenceSite) -> None:
@@ -282,13 +283,15 @@ def _generate_with(tmp_path: Path, module: dict[str, Any], **site: Any) -> Path:
     exp = experiment_from_dict({"name": "t", "seed": 3, "sites": [{"id": "a", "patients": 2, "seed": 1, **site}],
                                 "generate": {"years_of_history": 40, "workers": 1, "modules_dir": str(modules)}},
                                root=tmp_path)
-    return generate(exp, progress=False)["a"] / "bulk"
+    with pytest.warns(UserWarning, match="no known FHIR URI, written as named: HospitalLocal"):
+        return generate(exp, progress=False)["a"] / "bulk"
 
 
 def test_a_module_of_every_exported_kind_is_written_in_synthea_shape(tmp_path: Path) -> None:
     from fhir.resources.R4B import get_fhir_model_class
 
     folder = _generate_with(tmp_path, EVERY_KIND_MODULE, condition_system="icd10").parent
+    assert json.loads((folder / "_SUCCESS.json").read_text())["unknown_code_systems"] == ["HospitalLocal"]
     bulk = {p.stem: [json.loads(line) for line in p.read_text().splitlines()]
             for p in (folder / "bulk").glob("*.ndjson")}
     for resource_type, rows in bulk.items():

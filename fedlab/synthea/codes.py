@@ -52,13 +52,18 @@ _URI_PREFIXES = ("http://", "https://", "urn:")
 UNKNOWN_SYSTEMS: Counter[str] = Counter()
 
 
+def is_unknown_system(name: str) -> bool:
+    """A plain code-system name `fhir_system` cannot map to a URI (kept as written in the output)."""
+    return name not in GMF_SYSTEMS and not name.startswith(_URI_PREFIXES)
+
+
 def fhir_system(name: str) -> str:
     """The FHIR system URI for a GMF code-system name. A URI passes unchanged; an unknown plain
     name is kept as written (never guessed) and counted in `UNKNOWN_SYSTEMS`."""
     uri = GMF_SYSTEMS.get(name)
     if uri is not None:
         return uri
-    if not name.startswith(_URI_PREFIXES):
+    if is_unknown_system(name):
         UNKNOWN_SYSTEMS[name] += 1
     return name
 

@@ -11,6 +11,7 @@ import datetime as dt
 import multiprocessing
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -35,7 +36,13 @@ from fedlab.synthea.export import (
     provider_bundles,
     transaction_bundle_json,
 )
-from fedlab.synthea.gmf_life import BUILTIN_MODULES, cached_modules, modules_digest, simulate_life_gmf
+from fedlab.synthea.gmf_life import (
+    BUILTIN_MODULES,
+    cached_modules,
+    modules_digest,
+    simulate_life_gmf,
+    unknown_code_systems,
+)
 from fedlab.synthea.lifecycle import Rng, exported_encounters, simulate_life
 
 GENERATOR = "fedlab.synthea/python-1"
@@ -240,8 +247,13 @@ def _generate_site(exp: Experiment, site: SiteConfig, folder: Path, progress: bo
                   engine=exp.generate.engine, modules_dir=str(_modules_dir(exp)) if gmf else None,
                   allow_missing_submodules=tuple(sorted(exp.generate.allow_missing_submodules)),
                   modules_digest=modules_digest(_modules_dir(exp)) if gmf else "")
+    unknown_systems: list[str] = []
     if gmf:  # load (and validate) the modules before any work, so a bad file fails fast and clearly
-        cached_modules(job.modules_dir, job.allow_missing_submodules, job.modules_digest)
+        modules = cached_modules(job.modules_dir, job.allow_missing_submodules, job.modules_digest)
+        unknown_systems = unknown_code_systems(modules)
+        if unknown_systems:
+            warnings.warn(f"site {site.id}: the modules in {job.modules_dir} use code systems with no known "
+                          f"FHIR URI, written as named: {', '.join(unknown_systems)}", stacklevel=2)
     prevalence: Counter[str] = Counter()
     deaths = 0
     with staging_dir(folder) as staging, ExitStack() as stack:
@@ -275,6 +287,8 @@ def _generate_site(exp: Experiment, site: SiteConfig, folder: Path, progress: bo
                         "patients_with_condition": dict(sorted(prevalence.items()))},
             "timings": {"seconds": round(time.perf_counter() - started, 3)},
         }
+        if gmf:
+            info["unknown_code_systems"] = unknown_systems
         mark_complete(staging, info)
     return info
 

@@ -291,6 +291,28 @@ def cached_modules(folder: str, allow_missing: tuple[str, ...], digest: str = ""
     return load_modules(folder, allow_missing_submodules=allow_missing)
 
 
+def unknown_code_systems(modules: dict[str, Module]) -> list[str]:
+    """Code-system names the modules use that have no FHIR URI in `codes.GMF_SYSTEMS` (their codes
+    are exported with the name as written; the generate stage lists them in `_SUCCESS.json`)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            system = node.get("system")
+            if isinstance(system, str) and isinstance(node.get("code"), str) and codes.is_unknown_system(system):
+                found.add(system)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for module in modules.values():
+        for state in module.states.values():
+            walk(state.raw)
+    return sorted(found)
+
+
 def modules_digest(folder: str | Path) -> str:
     """A hash of every module and lookup-table file, so edited modules trigger a rebuild."""
     digest = hashlib.sha256()

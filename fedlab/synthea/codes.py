@@ -6,7 +6,6 @@ selects on exactly these, so changing one here is a change to the data contract.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import NamedTuple
 
 SNOMED = "http://snomed.info/sct"
@@ -48,8 +47,6 @@ GMF_SYSTEMS: dict[str, str] = {
     "UNII": "http://fdasis.nlm.nih.gov",
 }
 _URI_PREFIXES = ("http://", "https://", "urn:")
-# Plain names `fhir_system` did not know, with how often each was seen in this process.
-UNKNOWN_SYSTEMS: Counter[str] = Counter()
 
 
 def is_unknown_system(name: str) -> bool:
@@ -59,13 +56,8 @@ def is_unknown_system(name: str) -> bool:
 
 def fhir_system(name: str) -> str:
     """The FHIR system URI for a GMF code-system name. A URI passes unchanged; an unknown plain
-    name is kept as written (never guessed) and counted in `UNKNOWN_SYSTEMS`."""
-    uri = GMF_SYSTEMS.get(name)
-    if uri is not None:
-        return uri
-    if is_unknown_system(name):
-        UNKNOWN_SYSTEMS[name] += 1
-    return name
+    name is kept as written, never guessed (`gmf_life.unknown_code_systems` lists a module set's)."""
+    return GMF_SYSTEMS.get(name, name)
 
 
 class Concept(NamedTuple):

@@ -156,6 +156,17 @@ def patient_resource(demo: Demographics, death: dt.datetime | None, mothers_maid
 
 # ---------------------------------------------------------------- per-encounter resources
 
+# The dosage of fedlab's own drugs: one a day.
+_DAILY_DOSAGE: dict[str, Any] = {
+    "sequence": 1,
+    "timing": {"repeat": {"frequency": 1, "period": 1.0, "periodUnit": "d"}},
+    "asNeededBoolean": False,
+    "doseAndRate": [{"type": {"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/dose-rate-type",
+        "code": "ordered", "display": "Ordered"}]}, "doseQuantity": {"value": 1.0}}],
+}
+
+
 class _PatientWriter:
     def __init__(self, life: Life, site: SiteConfig, providers: Providers) -> None:
         self.life, self.site, self.providers = life, site, providers
@@ -196,10 +207,10 @@ class _PatientWriter:
 
     def condition(self, event: ConditionEvent, enc: Encounter) -> Resource:
         return self.condition_resource(event.resource_id, self.condition_code(event.concept), event.onset,
-                               event.abatement, enc)
+                                       event.abatement, enc)
 
     def condition_resource(self, resource_id: str, code: dict[str, Any], onset: dt.datetime,
-                   abatement: dt.datetime | None, enc: Encounter) -> Resource:
+                           abatement: dt.datetime | None, enc: Encounter) -> Resource:
         resolved = abatement is not None and abatement <= self.life.end
         resource: Resource = {
             "resourceType": "Condition", "id": resource_id,
@@ -218,14 +229,17 @@ class _PatientWriter:
         resource["recordedDate"] = fhir_time(onset)
         return resource
 
-    def _observation(self, resource_id: str, category: str, code: dict[str, Any], enc: Encounter) -> Resource:
-        when = fhir_time(enc.start)
-        return {
-            "resourceType": "Observation", "id": resource_id, "status": "final",
-            "category": [{"coding": [{"system": codes.OBS_CATEGORY, "code": category, "display": category}]}],
-            "code": code, "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
-            "effectiveDateTime": when, "issued": when,
-        }
+    def _observation(self, resource_id: str, category: str | None, code: dict[str, Any], enc: Encounter,
+                     when: str | None = None) -> Resource:
+        """An Observation without its value; `when` defaults to the encounter's start."""
+        when = when or fhir_time(enc.start)
+        resource: Resource = {"resourceType": "Observation", "id": resource_id, "status": "final"}
+        if category:
+            resource["category"] = [{"coding": [{"system": codes.OBS_CATEGORY, "code": category,
+                                                 "display": category}]}]
+        resource.update({"code": code, "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
+                         "effectiveDateTime": when, "issued": when})
+        return resource
 
     def measurement(self, m: Measurement, enc: Encounter) -> Resource:
         lab, value = m.lab, m.value
@@ -252,54 +266,69 @@ class _PatientWriter:
         return resource
 
     def procedure(self, concept: codes.Concept, resource_id: str, enc: Encounter) -> Resource:
+        return self.procedure_resource(resource_id, _codeable(codes.SNOMED, concept), fhir_time(enc.start),
+                                       fhir_time(enc.end), enc)
+
+    def procedure_resource(self, resource_id: str, code: dict[str, Any], start: str, end: str,
+                           enc: Encounter) -> Resource:
         return {
             "resourceType": "Procedure", "id": resource_id, "status": "completed",
-            "code": _codeable(codes.SNOMED, concept), "subject": self.patient_ref,
-            "encounter": _ref(enc.resource_id),
-            "performedPeriod": {"start": fhir_time(enc.start), "end": fhir_time(enc.end)},
+            "code": code, "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
+            "performedPeriod": {"start": start, "end": end},
         }
 
     def medication_request(self, event: MedicationEvent, enc: Encounter, exported: set[str]) -> Resource:
+        reason = event.reason.resource_id if event.reason.resource_id in exported else None
+        return self.medication_request_resource(
+            event.resource_id, _codeable(codes.RXNORM, codes.MEDICATIONS[event.medication]), event.stop is not None,
+            fhir_time(event.start), enc, reason, _DAILY_DOSAGE)
+
+    def medication_request_resource(self, resource_id: str, code: dict[str, Any], stopped: bool, authored: str,
+                                    enc: Encounter, reason_id: str | None,
+                                    dosage: dict[str, Any] | None) -> Resource:
         practitioner = self.providers.practitioners[enc.practitioner]
         resource: Resource = {
-            "resourceType": "MedicationRequest", "id": event.resource_id,
-            "status": "stopped" if event.stop is not None else "active",
-            "intent": "order",
-            "medicationCodeableConcept": _codeable(codes.RXNORM, codes.MEDICATIONS[event.medication]),
-            "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
-            "authoredOn": fhir_time(event.start),
+            "resourceType": "MedicationRequest", "id": resource_id,
+            "status": "stopped" if stopped else "active", "intent": "order",
+            "medicationCodeableConcept": code, "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
+            "authoredOn": authored,
             "requester": {"reference": practitioner.conditional_reference, "display": practitioner.display},
         }
-        if event.reason.resource_id in exported:
-            resource["reasonReference"] = [_ref(event.reason.resource_id)]
-        resource["dosageInstruction"] = [{
-            "sequence": 1,
-            "timing": {"repeat": {"frequency": 1, "period": 1.0, "periodUnit": "d"}},
-            "asNeededBoolean": False,
-            "doseAndRate": [{"type": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/dose-rate-type",
-                "code": "ordered", "display": "Ordered"}]}, "doseQuantity": {"value": 1.0}}],
-        }]
+        if reason_id is not None:  # the reference alone, as Synthea writes it
+            resource["reasonReference"] = [_ref(reason_id)]
+        if dosage is not None:
+            resource["dosageInstruction"] = [dosage]
         return resource
 
     def immunization(self, enc: Encounter) -> Resource:
+        return self.immunization_resource(enc.immunization_id, _codeable(codes.CVX, codes.FLU_VACCINE),  # type: ignore[arg-type]
+                                          fhir_time(enc.start), enc)
+
+    def immunization_resource(self, resource_id: str, code: dict[str, Any], when: str, enc: Encounter) -> Resource:
         return {
-            "resourceType": "Immunization", "id": enc.immunization_id, "status": "completed",
-            "vaccineCode": _codeable(codes.CVX, codes.FLU_VACCINE), "patient": self.patient_ref,
-            "encounter": _ref(enc.resource_id), "occurrenceDateTime": fhir_time(enc.start),
-            "primarySource": True,
+            "resourceType": "Immunization", "id": resource_id, "status": "completed",
+            "vaccineCode": code, "patient": self.patient_ref,
+            "encounter": _ref(enc.resource_id), "occurrenceDateTime": when, "primarySource": True,
         }
 
     def lipid_report(self, enc: Encounter, lipids: list[Measurement]) -> Resource:
-        when = fhir_time(enc.start)
-        return {
-            "resourceType": "DiagnosticReport", "id": enc.lipid_report_id, "status": "final",
+        results = [{**_ref(m.resource_id), "display": m.lab.display} for m in lipids]
+        return self.report_resource(enc.lipid_report_id, _codeable(codes.LOINC, codes.LIPID_PANEL),  # type: ignore[arg-type]
+                                    fhir_time(enc.start), enc, results)
+
+    def report_resource(self, resource_id: str, code: dict[str, Any], when: str, enc: Encounter,
+                        results: list[dict[str, str]]) -> Resource:
+        """A laboratory DiagnosticReport; `result` only when it lists something."""
+        resource: Resource = {
+            "resourceType": "DiagnosticReport", "id": resource_id, "status": "final",
             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
                                       "code": "LAB", "display": "Laboratory"}]}],
-            "code": _codeable(codes.LOINC, codes.LIPID_PANEL), "subject": self.patient_ref,
-            "encounter": _ref(enc.resource_id), "effectiveDateTime": when, "issued": when,
-            "result": [{**_ref(m.resource_id), "display": m.lab.display} for m in lipids],
+            "code": code, "subject": self.patient_ref, "encounter": _ref(enc.resource_id),
+            "effectiveDateTime": when, "issued": when,
         }
+        if results:
+            resource["result"] = results
+        return resource
 
     def careplan(self, enc: Encounter) -> Resource:
         resource_id, addresses = enc.careplan  # type: ignore[misc]
@@ -324,11 +353,10 @@ class _PatientWriter:
         """Synthea's order: Encounter, Condition, AllergyIntolerance, Observation, Procedure, Device,
         MedicationRequest, Immunization, DiagnosticReport, CarePlan. Within a type, entries codes.py
         maps come before those written with the module's own codes (`enc.other`, in record order)."""
-        other = _OtherWriter(self, enc, exported) if enc.other else None
+        extra = _OtherWriter(self, enc, exported).resources if enc.other else _nothing
         out = [self.encounter(enc)]
         out += [self.condition(c, enc) for c in enc.conditions]
-        if other is not None:
-            out += other.resources("condition", "allergy")
+        out += extra("condition", "allergy")
         vitals = [m for m in enc.measurements if m.category == "vital-signs"]
         labs = [m for m in enc.measurements if m.category == "laboratory"]
         out += [self.measurement(m, enc) for m in vitals[:3]]
@@ -337,28 +365,22 @@ class _PatientWriter:
         out += [self.measurement(m, enc) for m in vitals[3:] + labs]
         if enc.smoking is not None:
             out.append(self.smoking(enc))
-        if other is not None:
-            out += other.resources("observation", "panel")
+        out += extra("observation", "panel")
         out += [self.procedure(concept, rid, enc) for concept, rid in enc.procedures]
-        if other is not None:
-            out += other.resources("procedure", "device")
+        out += extra("procedure", "device")
         out += [self.medication_request(m, enc, exported) for m in enc.medications]
-        if other is not None:
-            out += other.resources("medication")
+        out += extra("medication")
         if enc.immunization_id is not None:
             out.append(self.immunization(enc))
-        if other is not None:
-            out += other.resources("immunization")
+        out += extra("immunization")
         lipid_codes = {codes.CHOLESTEROL.code, codes.TRIGLYCERIDES.code, codes.LDL.code, codes.HDL.code}
         lipids = [m for m in labs if m.lab.code in lipid_codes]
         if enc.lipid_report_id is not None and lipids:
             out.append(self.lipid_report(enc, lipids))
-        if other is not None:
-            out += other.resources("report")
+        out += extra("report")
         if enc.careplan is not None:
             out.append(self.careplan(enc))
-        if other is not None:
-            out += other.resources("careplan")
+        out += extra("careplan")
         return out
 
 
@@ -451,15 +473,8 @@ class _OtherWriter:
         return resource
 
     def _observation(self, entry: Entry) -> Resource:
-        when = _time(entry.start)
-        resource = self._base(entry, "Observation")
-        resource["status"] = "final"
-        if entry.category:
-            resource["category"] = [{"coding": [{"system": codes.OBS_CATEGORY, "code": entry.category,
-                                                 "display": entry.category}]}]
-        resource.update({"code": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
-                         "encounter": _ref(self.enc.resource_id), "effectiveDateTime": when, "issued": when})
-        return resource
+        return self.patient._observation(entry.resource_id, entry.category, _module_codeable(entry.codes),
+                                         self.enc, _time(entry.start))
 
     def observation(self, entry: Entry) -> Resource:
         resource = self._observation(entry)
@@ -473,12 +488,8 @@ class _OtherWriter:
         return resource
 
     def procedure(self, entry: Entry) -> Resource:
-        resource = self._base(entry, "Procedure")
-        resource.update({
-            "status": "completed", "code": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
-            "encounter": _ref(self.enc.resource_id),
-            "performedPeriod": {"start": _time(entry.start), "end": _time(entry.stop or entry.start)},
-        })
+        resource = self.patient.procedure_resource(entry.resource_id, _module_codeable(entry.codes),
+                                                   _time(entry.start), _time(entry.stop or entry.start), self.enc)
         reason = self._exported_reason(entry)
         if reason is not None:
             resource["reasonReference"] = [{**_ref(reason.resource_id), "display": reason.codes[0].display}]
@@ -499,46 +510,20 @@ class _OtherWriter:
         return resource
 
     def medication_request(self, entry: Entry) -> Resource:
-        practitioner = self.patient.providers.practitioners[self.enc.practitioner]
-        resource = self._base(entry, "MedicationRequest")
-        resource.update({
-            "status": "stopped" if entry.stop is not None else "active", "intent": "order",
-            "medicationCodeableConcept": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
-            "encounter": _ref(self.enc.resource_id), "authoredOn": _time(entry.start),
-            "requester": {"reference": practitioner.conditional_reference, "display": practitioner.display},
-        })
         reason = self._exported_reason(entry)
-        if reason is not None:  # as the codes.py drugs: the reference alone
-            resource["reasonReference"] = [_ref(reason.resource_id)]
-        dosage = _dosage(entry.details.get("prescription"))
-        if dosage is not None:
-            resource["dosageInstruction"] = [dosage]
-        return resource
+        return self.patient.medication_request_resource(
+            entry.resource_id, _module_codeable(entry.codes), entry.stop is not None, _time(entry.start), self.enc,
+            None if reason is None else reason.resource_id, _dosage(entry.details.get("prescription")))
 
     def immunization(self, entry: Entry) -> Resource:
-        resource = self._base(entry, "Immunization")
-        resource.update({
-            "status": "completed", "vaccineCode": _module_codeable(entry.codes),
-            "patient": self.patient.patient_ref, "encounter": _ref(self.enc.resource_id),
-            "occurrenceDateTime": _time(entry.start), "primarySource": True,
-        })
-        return resource
+        return self.patient.immunization_resource(entry.resource_id, _module_codeable(entry.codes),
+                                                  _time(entry.start), self.enc)
 
     def report(self, entry: Entry) -> Resource:
-        when = _time(entry.start)
-        resource = self._base(entry, "DiagnosticReport")
-        resource.update({
-            "status": "final",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                                      "code": "LAB", "display": "Laboratory"}]}],
-            "code": _module_codeable(entry.codes), "subject": self.patient.patient_ref,
-            "encounter": _ref(self.enc.resource_id), "effectiveDateTime": when, "issued": when,
-        })
         results = [{**_ref(p.resource_id), "display": p.codes[0].display}
                    for p in entry.parts if p.resource_id in self.exported]
-        if results:
-            resource["result"] = results
-        return resource
+        return self.patient.report_resource(entry.resource_id, _module_codeable(entry.codes), _time(entry.start),
+                                            self.enc, results)
 
     def careplan(self, entry: Entry) -> Resource:
         stopped = self._stopped(entry) or self.patient.life.death is not None
@@ -617,6 +602,10 @@ def _exported_other_ids(encounters: list[Encounter]) -> set[str]:
         if enc.smoking is not None:
             ids.add(enc.smoking[1])
     return ids
+
+
+def _nothing(*kinds: str) -> list[Resource]:
+    return []
 
 
 def patient_resources(life: Life, site: SiteConfig, providers: Providers, mothers_maiden: str) -> list[Resource]:

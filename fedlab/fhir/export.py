@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlab.config import Experiment
+from fedlab.errors import FedlabError
 from fedlab.fhir.bulk import BulkDataClient, ExportResult
 from fedlab.fhir.deid import DeidPolicy
 from fedlab.fhir.server import SiteServer
@@ -29,7 +30,7 @@ from fedlab.io import atomic_open, is_complete, mark_complete, read_json, stagin
 KEY_ALGORITHM = "ES384"
 
 
-class ExportStageError(RuntimeError):
+class ExportStageError(FedlabError):
     """A site cannot be exported; the message names the site and what to do."""
 
 

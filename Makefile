@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedlab-setup
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup git-filters lock test test-fast demo bench lint clean-data doctor
+.PHONY: setup git-filters notebooks lock test test-fast demo bench lint clean-data doctor
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ git-filters:
 	  git config diff.ipynb.textconv '"$(abspath $(PY))" -m nbstripout -t --keep-id' && \
 	  { git update-index -q --refresh >/dev/null 2>&1 || true; }; \
 	fi
+
+# After editing a notebook's py:percent twin (notebooks/NN_*.py): carry the change into the .ipynb,
+# keeping cell ids, and leave it in the committed (filtered) form.
+notebooks: setup
+	@for twin in notebooks/[0-9]*.py; do $(VENV)/bin/jupytext --quiet --update --to ipynb "$$twin"; done
+	@$(PY) -m nbstripout --keep-id notebooks/*.ipynb
 
 # Regenerate the hashed lock from requirements/base.in + overrides.txt (needs uv; see README).
 lock:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedlab import __version__
-from fedlab.config import Experiment, load_experiment, parse_override
+from fedlab.config import Experiment, load_experiment, parse_overrides
 from fedlab.errors import FedlabError
+from fedlab.logs import LOG_DIR_ENV
 
 STAGE_VERBS = ("generate", "export", "flatten", "features", "train", "report")
 
 
 def _load(args: argparse.Namespace) -> Experiment:
-    overrides = dict(parse_override(item) for item in args.set or [])
-    return load_experiment(args.config, overrides)
+    overrides = parse_overrides(args.set)
+    exp = load_experiment(args.config, overrides)
+    os.environ.setdefault(LOG_DIR_ENV, str(exp.report_path(args.run) / "logs"))
+    return exp
 
 
 def _sites(args: argparse.Namespace) -> list[str] | None:
@@ -78,7 +82,7 @@ def cmd_report(args: argparse.Namespace) -> Any:
 def cmd_reproduce(args: argparse.Namespace) -> Any:
     from fedlab.pipeline import reproduce
 
-    overrides = dict(parse_override(item) for item in args.set or [])
+    overrides = parse_overrides(args.set)
     forced = args.force or []
     force: bool | list[str] = True if "all" in forced else forced
     if args.dry_run:

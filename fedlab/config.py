@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import json
 import os
 import types
 import typing
@@ -328,6 +329,24 @@ def load_experiment(path: str | os.PathLike[str], overrides: dict[str, Any] | No
         except (KeyError, IndexError, ValueError, TypeError) as err:
             raise ConfigError(f"{path}: cannot override {key!r}: {err}") from None
     return experiment_from_dict(data, str(path), project_root_for(path))
+
+
+def parse_overrides(items: str | list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`--set`-style overrides as a dict: one `key.path=value` string, a list of them, or a dict."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"overrides must be `key.path=value` strings (or a list of them), not {items!r}")
+    return dict(parse_override(item) for item in items)
+
+
+def override_strings(overrides: dict[str, Any] | None) -> list[str]:
+    """The inverse of `parse_overrides`: values written so that YAML reads them back the same."""
+    return [f"{key}={json.dumps(value, default=str)}" for key, value in (overrides or {}).items()]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

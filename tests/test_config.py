@@ -131,3 +131,25 @@ def test_duplicate_yaml_key_names_the_key_and_both_lines(tmp_path: Path) -> None
     config.write_text("name: x\nseed: 1\nsites:\n  - {id: a, patients: 3, seed: 1}\nseed: 2\n")
     with pytest.raises(ConfigError, match=r"dup\.yaml: line 5: key 'seed' given twice \(first on line 2\)"):
         load_experiment(config)
+
+
+def test_notebook_overrides_take_what_the_cli_set_takes() -> None:
+    import datetime as dt
+
+    from fedlab.config import override_strings, parse_overrides
+    from fedlab.pipeline import load_for_notebook
+
+    config = str(ROOT / "configs" / "smoke.yaml")
+    assert load_for_notebook(config, "train.rounds=3").train.rounds == 3
+    exp = load_for_notebook(config, ["train.rounds=4", "sites.0.patients=50", "train.seeds=[5, 6]"])
+    assert (exp.train.rounds, exp.sites[0].patients, exp.train.seeds) == (4, 50, [5, 6])
+    assert load_for_notebook(config, "").train.rounds == load_for_notebook(config, []).train.rounds
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_for_notebook(config, "train.rounds")
+    with pytest.raises(ConfigError, match="overrides must be"):
+        parse_overrides([3])
+    values = {"train.rounds": 3, "name": "a b", "generate.reference_date": dt.date(2025, 6, 1),
+              "train.seeds": [0, 1], "spark.master": None, "export.deidentify": True}
+    again = parse_overrides(override_strings(values))
+    assert {**again, "generate.reference_date": str(again["generate.reference_date"])} == \
+        {**values, "generate.reference_date": "2025-06-01"}

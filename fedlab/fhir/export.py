@@ -26,6 +26,7 @@ from fedlab.fhir.deid import DeidPolicy
 from fedlab.fhir.server import SiteServer
 from fedlab.fhir.smart import ClientKey, ClientRegistry
 from fedlab.io import atomic_open, is_complete, mark_complete, read_json, staging_dir, write_json
+from fedlab.stages import record_written
 
 KEY_ALGORITHM = "ES384"
 
@@ -89,6 +90,7 @@ def export(exp: Experiment, run: str | None = None, sites: list[str] | None = No
             continue
         results[site] = export_site(exp, run, site, bulk_dirs[site], progress,
                                     deid_date_mode or exp.export.deid_date_mode)
+    record_written(exp, run, "export")
     return results
 
 

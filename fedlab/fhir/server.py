@@ -1176,7 +1176,7 @@ def serve_site(exp: Experiment, run: str | None, site_id: str, port: int = 0, bl
     `exp.export.deidentify` everything served is de-identified; the audit log goes to
     `data/export/<run>/_audit/<site>.jsonl`.
     """
-    from fedlab.fhir.export import audit_log_path, node_credentials, site_bulk_dir, site_deid_policy
+    from fedlab.fhir.site import audit_log_path, node_credentials, site_bulk_dir, site_deid_policy
     from fedlab.fhir.writeback import WRITE_SCOPE
 
     bulk_dir = site_bulk_dir(exp, run, site_id)

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedlab-setup
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup lock test test-fast demo bench lint clean-data doctor
+.PHONY: setup git-filters notebooks lock test test-fast demo bench lint clean-data doctor
 
 setup: $(STAMP)
 
@@ -20,9 +20,26 @@ $(STAMP): requirements/lock.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements/lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fedlab)" >/dev/null
-	@if [ -d .git ]; then $(VENV)/bin/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true; fi
+	@$(MAKE) --no-print-directory git-filters
 	@touch $(STAMP)
 	@echo "fedlab environment ready in $(VENV)"
+
+# The notebook filter (outputs stripped, cell ids kept: the committed notebooks are already in this
+# form, so a fresh clone stays clean), then one index refresh so the first `git status` is fast.
+git-filters:
+	@if [ -e .git ]; then \
+	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id' && \
+	  git config filter.nbstripout.smudge cat && \
+	  git config filter.nbstripout.required true && \
+	  git config diff.ipynb.textconv '"$(abspath $(PY))" -m nbstripout -t --keep-id' && \
+	  { git update-index -q --refresh >/dev/null 2>&1 || true; }; \
+	fi
+
+# After editing a notebook's py:percent twin (notebooks/NN_*.py): carry the change into the .ipynb,
+# keeping cell ids, and leave it in the committed (filtered) form.
+notebooks: setup
+	@for twin in notebooks/[0-9]*.py; do $(VENV)/bin/jupytext --quiet --update --to ipynb "$$twin"; done
+	@$(PY) -m nbstripout --keep-id notebooks/*.ipynb
 
 # Regenerate the hashed lock from requirements/base.in + overrides.txt (needs uv; see README).
 lock:

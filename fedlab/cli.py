@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedlab.config import ConfigError, Experiment, load_experiment, parse_override
+from fedlab import __version__
+from fedlab.config import Experiment, load_experiment, parse_overrides
 from fedlab.errors import FedlabError
+from fedlab.logs import LOG_DIR_ENV
 
 STAGE_VERBS = ("generate", "export", "flatten", "features", "train", "report")
 
 
 def _load(args: argparse.Namespace) -> Experiment:
-    overrides = dict(parse_override(item) for item in args.set or [])
-    return load_experiment(args.config, overrides)
+    overrides = parse_overrides(args.set)
+    exp = load_experiment(args.config, overrides)
+    os.environ.setdefault(LOG_DIR_ENV, str(exp.report_path(args.run) / "logs"))
+    return exp
 
 
 def _sites(args: argparse.Namespace) -> list[str] | None:
@@ -77,7 +82,7 @@ def cmd_report(args: argparse.Namespace) -> Any:
 def cmd_reproduce(args: argparse.Namespace) -> Any:
     from fedlab.pipeline import reproduce
 
-    overrides = dict(parse_override(item) for item in args.set or [])
+    overrides = parse_overrides(args.set)
     forced = args.force or []
     force: bool | list[str] = True if "all" in forced else forced
     if args.dry_run:
@@ -85,7 +90,8 @@ def cmd_reproduce(args: argparse.Namespace) -> Any:
 
         exp = load_experiment(args.config, overrides)
         start = _stage_names([args.start_from], "--from")[0] if args.start_from else None
-        steps = plan(exp, args.run or exp.name, list(STAGE_NAMES) if force is True else force, start)
+        forced = list(STAGE_NAMES) if force is True else _stage_names(force, "--force")
+        steps = plan(exp, args.run or exp.name, forced, start)
         return "\n".join(f"{s['stage']:<9} {s['action']:<7} {s['why']}" for s in steps)
     return reproduce(args.config, run=args.run, overrides=overrides, force=force,
                      start_from=args.start_from, notebooks=args.notebook or None, parallel=args.parallel)
@@ -127,7 +133,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
     "generate": (cmd_generate, "generate each site's synthetic FHIR R4 population"),
     "serve": (cmd_serve, "serve one site's data over FHIR Bulk Data + SMART Backend Services"),
     "export": (cmd_export, "pull each site's data with a Bulk Data $export client"),
-    "flatten": (cmd_flatten, "flatten exported FHIR into harmonized Parquet tables (fhiry)"),
+    "flatten": (cmd_flatten, "flatten exported FHIR into harmonized Parquet tables (SQL-on-FHIR views or fhiry)"),
     "features": (cmd_features, "build each site's feature table with Spark"),
     "train": (cmd_train, "train federated and baseline models with TensorFlow Federated"),
     "report": (cmd_report, "write results.md, figures and manifest.json"),
@@ -141,6 +147,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], Any], str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlab", description=__doc__)
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"fedlab {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = COMMANDS[args.verb][0]
     try:
         _show(handler(args))
-    except (ConfigError, FedlabError, FileNotFoundError) as err:
+    except (FedlabError, FileNotFoundError) as err:
         if args.traceback:
             raise
         print(f"fedlab {args.verb}: error: {err}", file=sys.stderr)

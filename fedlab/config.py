@@ -1,29 +1,37 @@
 """Experiment configuration: typed, validated objects loaded from YAML.
 
 An Experiment names the run, the seed, the simulated hospitals (sites) and the settings of
-every stage. Unknown keys and wrong types are errors that name the file and the key.
+every stage. Unknown keys (with the closest known key), wrong types, and keys given twice in a
+YAML mapping are errors that name the file and the key. Types are strict: `true` is not a
+number and `"7"` is not an integer.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedlab.errors import FedlabError
+
 RESOURCE_TYPES_DEFAULT = ["Patient", "Encounter", "Condition", "Observation", "MedicationRequest"]
 STAGES = ("generate", "export", "flatten", "features", "train", "report")
 
 
-class ConfigError(ValueError):
+class ConfigError(FedlabError, ValueError):
     """A configuration file or value is invalid; the message names the file and key."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 class SiteConfig(_Strict):
@@ -64,7 +72,8 @@ class GenerateConfig(_Strict):
     # python: the hard-coded lifecycle model; gmf: Generic Module Framework modules on the lifecycle
     # physiology (fedlab's own modules, or `modules_dir`); synthea-jar: a user's Synthea jar.
     engine: Literal["python", "gmf", "synthea-jar"] = "gmf"
-    reference_date: dt.date = dt.date(2026, 1, 1)
+    # not strict: an ISO date string (from JSON or a quoted YAML value) is a date too
+    reference_date: dt.date = Field(dt.date(2026, 1, 1), strict=False)
     years_of_history: int = Field(12, ge=1, le=100)
     workers: int = Field(1, ge=1, le=64)
     # engine gmf: a folder of module JSON (e.g. Synthea's src/main/resources/modules); default: fedlab's own.
@@ -232,13 +241,63 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
+def _model_at(location: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model that holds the last key of `location` (for "did you mean")."""
+    model: Any = Experiment
+    for part in location[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = _inner_model(model.model_fields[part].annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    """`SiteConfig` from `list[SiteConfig]`, `SiteConfig | None` and the like."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _inner_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _unknown_key_message(location: tuple[Any, ...]) -> str:
+    model = _model_at(location)
+    known = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(str(location[-1]), known, n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = _unknown_key_message(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"line {line}: key {key!r} given twice (first on line {first})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKeyError(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def experiment_from_dict(data: dict[str, Any], source: str = "<dict>", root: Path | None = None) -> Experiment:
@@ -257,7 +316,9 @@ def load_experiment(path: str | os.PathLike[str], overrides: dict[str, Any] | No
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -268,6 +329,24 @@ def load_experiment(path: str | os.PathLike[str], overrides: dict[str, Any] | No
         except (KeyError, IndexError, ValueError, TypeError) as err:
             raise ConfigError(f"{path}: cannot override {key!r}: {err}") from None
     return experiment_from_dict(data, str(path), project_root_for(path))
+
+
+def parse_overrides(items: str | list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`--set`-style overrides as a dict: one `key.path=value` string, a list of them, or a dict."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"overrides must be `key.path=value` strings (or a list of them), not {items!r}")
+    return dict(parse_override(item) for item in items)
+
+
+def override_strings(overrides: dict[str, Any] | None) -> list[str]:
+    """The inverse of `parse_overrides`: values written so that YAML reads them back the same."""
+    return [f"{key}={json.dumps(value, default=str)}" for key, value in (overrides or {}).items()]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

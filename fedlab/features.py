@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedlab import harmonization as hz
+from fedlab.errors import FedlabError
 from fedlab.io import SUCCESS, is_complete, read_json, staging_dir, write_json
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ SITE = "site"  # the column tagging every row with its site while all sites run 
 SKIPPED = "_SKIPPED.json"
 
 
-class FeatureError(ValueError):
+class FeatureError(FedlabError, ValueError):
     """A site's tables cannot produce features; the message names the site and what is missing."""
 
 
@@ -150,7 +151,7 @@ def read_tables(spark: SparkSession, folder: Path, site: str) -> dict[str, DataF
     for name, columns in REQUIRED_COLUMNS.items():
         path = folder / f"{name}.parquet"
         if not path.exists():
-            raise FeatureError(f"site {site}: table {name}.parquet not found in {folder}")
+            raise FeatureError(f"site {site}: table {name}.parquet not found in {folder}; run `fedlab flatten` first")
         arrow_schema = _parquet_schema(path)
         missing = [c for c in columns if c not in arrow_schema.names]
         if missing:
@@ -536,6 +537,10 @@ def build_features(exp: Experiment, run: str | None = None, sites: list[str] | N
     for site in site_ids:
         exp.site(site)
     pending = [site for site in site_ids if force or not is_complete(exp.data_path("features", run, site))]
+    unflattened = [site for site in pending if not exp.data_path("tables", run, site).is_dir()]
+    if unflattened and exp.task.on_site_error == "raise":  # before Spark's start-up, not after it
+        raise FeatureError(f"no tables of site(s) {', '.join(unflattened)} in "
+                           f"{exp.data_path('tables', run)}; run `fedlab flatten --config {exp.source or 'CONFIG'}` first")
     if pending and spark is None:
         from fedlab.spark import get_spark
 

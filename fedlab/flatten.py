@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedlab import harmonization as hz
+from fedlab.errors import FedlabError
 from fedlab.io import SUCCESS, atomic_open, is_complete, read_json, staging_dir, write_json
 from fedlab.views.plan import ViewRows
 
@@ -123,7 +124,7 @@ RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 LOINC = "http://loinc.org"
 
 
-class FlattenError(ValueError):
+class FlattenError(FedlabError, ValueError):
     """Input that cannot be flattened at all (missing folder, unreadable manifest, unknown engine)."""
 
 
@@ -1274,7 +1275,8 @@ def flatten_site(folder: Path, out: Path, site: str | None = None, engine: str =
     (`runner` "spark", the default then, or "spark-distributed")."""
     runner = runner or ("spark" if spark is not None else "pandas")
     if not folder.is_dir():
-        raise FlattenError(f"export folder not found: {folder}" + (f" (site {site})" if site else ""))
+        raise FlattenError(f"export folder not found: {folder}" + (f" (site {site})" if site else "")
+                           + "; run `fedlab export` first")
     if runner in SPARK_RUNNERS and engine != "views":
         raise FlattenError(f"flatten.runner {runner!r} runs the views engine only, not {engine!r}")
     if runner in SPARK_RUNNERS and spark is None:
@@ -1303,6 +1305,10 @@ def flatten(exp: Experiment, run: str | None = None, sites: list[str] | None = N
     engine, runner = exp.flatten.engine, exp.flatten.runner
     if runner in SPARK_RUNNERS and engine != "views":
         raise FlattenError(f"flatten.runner {runner!r} runs the views engine only; flatten.engine is {engine!r}")
+    missing = [s for s in site_ids if not exp.data_path("export", run, s).is_dir()]
+    if missing:
+        raise FlattenError(f"no export of site(s) {', '.join(missing)} in {exp.data_path('export', run)}; "
+                           f"run `fedlab export --config {exp.source or 'CONFIG'}` first")
     spark = None
     outputs: dict[str, Path] = {}
     iterator: Iterable[str] = site_ids

@@ -35,15 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlab.config import Experiment, load_experiment
+from fedlab.config import Experiment, load_experiment, override_strings, parse_overrides
 from fedlab.errors import FedlabError
 from fedlab.io import is_complete, read_json, write_json
+from fedlab.notebooks import run_notebook
 
 PACKAGE = Path(__file__).resolve().parent
 PROJECT = PACKAGE.parent
 NOTEBOOKS_DIR = PROJECT / "notebooks"
 LOCK_FILE = PROJECT / "requirements" / "lock.txt"
-KERNEL = "python3"
 
 
 @dataclass(frozen=True)
@@ -139,62 +139,6 @@ class StampBook:
     def record(self, stage: str, **fields: Any) -> None:
         self.entries.setdefault(stage, {}).update(fields)
         write_json(self.path, self.entries)
-
-
-# ---------- running notebooks ----------
-
-def _failure_message(notebook: str, err: Exception) -> str:
-    cell = getattr(err, "exec_count", None)
-    ename = getattr(err, "ename", type(err).__name__)
-    evalue = getattr(err, "evalue", str(err))
-    where = f"cell [{cell}]" if cell is not None else "a cell"
-    return f"notebook {notebook} failed in {where}: {ename}: {evalue}"
-
-
-def _check_parameters_cell(source: Path) -> None:
-    import nbformat
-
-    nb = nbformat.read(source, as_version=4)
-    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    if len(tagged) != 1:
-        raise FedlabError(f"{source}: expected exactly one cell tagged `parameters`, found {len(tagged)}; "
-                          "restore it (see the notebook's .py twin) so parameters can be injected")
-
-
-def run_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd: Path) -> float:
-    """Execute one notebook with papermill in its own kernel; return the seconds it took."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
-    _check_parameters_cell(source)
-    started = time.perf_counter()
-    saved = {k: os.environ.get(k) for k in ("MPLBACKEND", "TQDM_DISABLE")}
-    os.environ["MPLBACKEND"] = "Agg"  # batch mode: no GUI backend in the kernels
-    os.environ["TQDM_DISABLE"] = "1"  # progress bars would be saved stuck at 0%
-    try:
-        pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=KERNEL,
-                            cwd=str(cwd), progress_bar=False, log_output=False)
-    except PapermillExecutionError as err:
-        raise FedlabError(_failure_message(source.name, err) + f"\n  executed copy: {output}") from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    _write_html(output)
-    return time.perf_counter() - started
-
-
-def _write_html(notebook: Path) -> None:
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    from fedlab.io import atomic_open
-
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    with atomic_open(notebook.with_suffix(".html"), "w", encoding="utf-8") as handle:
-        handle.write(body)
 
 
 # ---------- sites in parallel ----------
@@ -359,7 +303,6 @@ def reproduce(config: str | os.PathLike[str], run: str | None = None, overrides:
     only = set(_stage_names(notebooks, "--notebook")) if notebooks else set(STAGE_NAMES)
     out_dir = exp.report_path(run) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    overrides_path = write_json(out_dir.parent / "overrides.json", overrides) if overrides else None
     book = StampBook(exp.report_path(run) / "stamps.json")
     timings = []
     for step in plan(exp, run, forced, start, notebooks_dir):
@@ -382,9 +325,8 @@ def reproduce(config: str | os.PathLike[str], run: str | None = None, overrides:
             _parallel_sites(stage, exp, run, config_path, overrides, parallel, echo)
         # after a redo, the stage's sites are rebuilt from scratch anyway (their outputs were removed)
         redo = step["action"] == "redo" and stage.site_dir is None
-        params = {"config": str(config_path), "run": run, "force": redo,
-                  "overrides": str(overrides_path) if overrides_path else ""}
-        run_notebook(source, out_dir / notebook, params, notebooks_dir)
+        params = {"config": str(config_path), "run": run, "force": redo, "overrides": override_strings(overrides)}
+        run_notebook(source, out_dir / notebook, params, notebooks_dir, label=name)
         seconds = time.perf_counter() - started
         if not stage.outputs_complete(exp, run):
             raise FedlabError(f"stage {name}: {notebook} finished but its outputs are incomplete")
@@ -408,7 +350,7 @@ def _record_timings(exp: Experiment, run: str, timings: list[dict[str, Any]]) ->
     write_json(manifest_path, manifest)
 
 
-def load_for_notebook(config: str, overrides: str = "") -> Experiment:
-    """What a notebook's first code cell calls: the config plus the overrides reproduce passed."""
-    extra = read_json(overrides) if overrides else None
-    return load_experiment(config, extra)
+def load_for_notebook(config: str, overrides: str | list[str] | dict[str, Any] | None = None) -> Experiment:
+    """What a notebook's first code cell calls: the config plus its `overrides` parameter, which
+    takes what the CLI's `--set` takes (`"train.rounds=3"`, or a list of such strings)."""
+    return load_experiment(config, parse_overrides(overrides))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from fedlab.config import Experiment
 from fedlab.errors import FedlabError
 from fedlab.io import atomic_open, read_json, write_json
+from fedlab.provenance import git_state
 
 PACKAGES = ("tensorflow", "tensorflow-federated", "pyspark", "fhiry", "pandas", "numpy", "scikit-learn",
             "papermill", "flask", "waitress", "pyjwt", "fhir.resources", "pint", "fedlab-fhir")
@@ -415,16 +415,6 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def git_state(root: Path) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))
-            if commit else None}
 
 
 def stage_markers(exp: Experiment, run: str) -> dict[str, Any]:

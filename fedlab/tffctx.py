@@ -35,15 +35,20 @@ def init_tff(seed: int) -> ModuleType:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
-    import tensorflow as tf
-    import tensorflow_federated as tff
+
+    from fedlab.logs import native_stderr_filtered
+
+    with native_stderr_filtered():  # TensorFlow's CUDA/TensorRT start-up lines on a CPU-only machine
+        import tensorflow as tf
+        import tensorflow_federated as tff
 
     random.seed(seed)
     np.random.seed(seed)
     tf.keras.utils.set_random_seed(seed)
     if not _state["context_set"]:
         tf.config.experimental.enable_op_determinism()
-        tff.backends.native.set_sync_local_cpp_execution_context()
+        with native_stderr_filtered():
+            tff.backends.native.set_sync_local_cpp_execution_context()
         _state["context_set"] = True
     if not _state["hook_registered"]:
         atexit.register(_stop_worker)

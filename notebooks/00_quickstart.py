@@ -31,10 +31,11 @@
 # are not redone (set `force = True` to redo them).
 
 # %% tags=["parameters"]
-config = "../configs/toy.yaml"
-run = ""
-force = False
-overrides = ""
+config = "../configs/toy.yaml"  # the experiment (a YAML file)
+run = ""  # run name (empty: the name of the experiment)
+force = False  # True: redo this stage even if its outputs are complete
+# Config changes, written as the CLI's --set takes them: ["train.rounds=3", "sites.0.patients=50"]
+overrides = []  # a list of --set strings (or one)
 
 # %%
 from fedlab.features import build_features

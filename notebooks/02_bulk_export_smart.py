@@ -21,10 +21,11 @@
 # the hospital: only the model will.
 
 # %% tags=["parameters"]
-config = "../configs/quickstart.yaml"
-run = ""
-force = False
-overrides = ""
+config = "../configs/quickstart.yaml"  # the experiment (a YAML file)
+run = ""  # run name (empty: the name of the experiment)
+force = False  # True: redo this stage even if its outputs are complete
+# Config changes, written as the CLI's --set takes them: ["train.rounds=3", "sites.0.patients=50"]
+overrides = []  # a list of --set strings (or one)
 
 # %%
 import json

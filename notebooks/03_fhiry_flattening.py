@@ -28,10 +28,11 @@
 # and "glucose 110" at another are different things.
 
 # %% tags=["parameters"]
-config = "../configs/quickstart.yaml"
-run = ""
-force = False
-overrides = ""
+config = "../configs/quickstart.yaml"  # the experiment (a YAML file)
+run = ""  # run name (empty: the name of the experiment)
+force = False  # True: redo this stage even if its outputs are complete
+# Config changes, written as the CLI's --set takes them: ["train.rounds=3", "sites.0.patients=50"]
+overrides = []  # a list of --set strings (or one)
 
 # %%
 import json
@@ -151,7 +152,7 @@ cond.groupby(["site", "system", "concept"], dropna=False).size().unstack(fill_va
 
 # %% [markdown]
 # ## Exercises
-# 1. Re-run this stage with `--set flatten.engine=fhiry` (or `overrides = "flatten.engine=fhiry"`)
+# 1. Re-run this stage with `--set flatten.engine=fhiry` (or `overrides = ["flatten.engine=fhiry"]`)
 #    and compare the run time and the tables with the default `views` engine.
 # 2. Add a column `category` (the first `category.coding.code`) to a copy of the observation view and
 #    run it with `run_view_frame`. Which resources have none?

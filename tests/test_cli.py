@@ -65,3 +65,31 @@ def test_reproduce_parallel_is_parsed_and_checked(smoke_experiment, capsys: pyte
     assert main(["reproduce", "--config", str(smoke_experiment.source), "--parallel", "0"]) == 2
     assert "--parallel must be at least 1, not 0" in capsys.readouterr().err
     assert not smoke_experiment.report_path().exists(), "nothing may run before the check"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedlab import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedlab {__version__}"
+
+
+@pytest.mark.parametrize("flag", ["--force", "--from"])
+def test_dry_run_names_the_stages_for_an_unknown_stage(flag: str, smoke_experiment,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "--config", str(smoke_experiment.source), "--dry-run", flag, "nosuchstage"]) == 2
+    err = capsys.readouterr().err
+    assert "no stage named 'nosuchstage'" in err and "generate, export, flatten, features, train, report" in err
+
+
+@pytest.mark.parametrize(("verb", "first"), [("export", "fedlab generate"), ("flatten", "fedlab export"),
+                                             ("features", "fedlab flatten"), ("train", "fedlab features"),
+                                             ("report", "fedlab train")])
+def test_a_stage_run_out_of_order_says_what_to_run_first(verb: str, first: str, smoke_experiment,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([verb, "--config", str(smoke_experiment.source)]) == 2
+    err = capsys.readouterr().err
+    assert f"run `{first}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -91,3 +91,65 @@ def test_paths_follow_the_data_contract(tmp_path: Path) -> None:
 def test_more_clients_per_round_than_sites_is_rejected() -> None:
     with pytest.raises(ConfigError, match="clients_per_round is 3 but there are only 1 sites"):
         experiment_from_dict({"name": "x", "sites": [SITE], "train": {"clients_per_round": 3}})
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"sites": [{**SITE, "patients": True}]}, r"sites\.0\.patients: Input should be a valid integer"),
+    ({"seed": "7"}, r"seed: Input should be a valid integer"),
+    ({"train": {"rounds": 2.5}}, r"train\.rounds: Input should be a valid integer"),
+    ({"export": {"deidentify": "yes"}}, r"export\.deidentify: Input should be a valid boolean"),
+    ({"train": {"client_lr": False}}, r"train\.client_lr: Input should be a valid number"),
+])
+def test_types_are_strict(patch: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        experiment_from_dict({"name": "x", "sites": [SITE], **patch})
+
+
+def test_a_date_may_be_given_as_an_iso_string() -> None:
+    exp = experiment_from_dict({"name": "x", "sites": [SITE], "generate": {"reference_date": "2025-06-01"}})
+    assert str(exp.generate.reference_date) == "2025-06-01"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"name": "x", "sites": [{**SITE, "pateints": 3}]}, r"sites\.0\.pateints: unknown key \(did you mean 'patients'\?\)"),
+    ({"name": "x", "sites": [SITE], "trian": {}}, r"trian: unknown key \(did you mean 'train'\?\)"),
+    ({"name": "x", "sites": [SITE], "train": {"round": 3}}, r"train\.round: unknown key \(did you mean 'rounds'\?\)"),
+    ({"name": "x", "sites": [SITE], "train": {"privacy": {"nois_multiplier": 1}}},
+     r"train\.privacy\.nois_multiplier: unknown key \(did you mean 'noise_multiplier'\?\)"),
+    ({"name": "x", "sites": [SITE], "zzzz": 1}, r"zzzz: unknown key$"),
+])
+def test_misspelt_keys_get_a_suggestion(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        experiment_from_dict(data)
+
+
+def test_duplicate_yaml_key_names_the_key_and_both_lines(tmp_path: Path) -> None:
+    config = tmp_path / "dup.yaml"
+    config.write_text("name: x\nseed: 1\nsites:\n  - id: a\n    patients: 3\n    seed: 1\n    patients: 4\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line 7: key 'patients' given twice \(first on line 5\)"):
+        load_experiment(config)
+    config.write_text("name: x\nseed: 1\nsites:\n  - {id: a, patients: 3, seed: 1}\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line 5: key 'seed' given twice \(first on line 2\)"):
+        load_experiment(config)
+
+
+def test_notebook_overrides_take_what_the_cli_set_takes() -> None:
+    import datetime as dt
+
+    from fedlab.config import override_strings, parse_overrides
+    from fedlab.pipeline import load_for_notebook
+
+    config = str(ROOT / "configs" / "smoke.yaml")
+    assert load_for_notebook(config, "train.rounds=3").train.rounds == 3
+    exp = load_for_notebook(config, ["train.rounds=4", "sites.0.patients=50", "train.seeds=[5, 6]"])
+    assert (exp.train.rounds, exp.sites[0].patients, exp.train.seeds) == (4, 50, [5, 6])
+    assert load_for_notebook(config, "").train.rounds == load_for_notebook(config, []).train.rounds
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_for_notebook(config, "train.rounds")
+    with pytest.raises(ConfigError, match="overrides must be"):
+        parse_overrides([3])
+    values = {"train.rounds": 3, "name": "a b", "generate.reference_date": dt.date(2025, 6, 1),
+              "train.seeds": [0, 1], "spark.master": None, "export.deidentify": True}
+    again = parse_overrides(override_strings(values))
+    assert {**again, "generate.reference_date": str(again["generate.reference_date"])} == \
+        {**values, "generate.reference_date": "2025-06-01"}

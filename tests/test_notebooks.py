@@ -58,6 +58,19 @@ def test_notebook_kernel_and_single_parameters_cell(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """papermill parses the parameters cell (for injection and `--help-notebook`); a comment with
+    an `=` in it makes it skip that parameter with a warning."""
+    from papermill.translators import PythonTranslator
+
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    with caplog.at_level("WARNING"):
+        parsed = {p.name for p in PythonTranslator.inspect(cell)}
+    assert not [r.message for r in caplog.records if "Unable to parse" in r.message]
+    assert parsed == {t.id for s in ast.parse(cell.source).body for t in s.targets}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_matches_its_jupytext_twin(path: Path) -> None:
     import jupytext
 
@@ -182,6 +195,27 @@ def test_reproduce_smoke_end_to_end(smoke_run: SmokeRun, monkeypatch: pytest.Mon
     for proc in leftovers:
         proc.kill()
     assert not leftovers, "a TFF worker_binary outlived its notebook kernel"
+
+
+@pytest.mark.slow
+def test_executed_notebooks_keep_figures_and_leave_harmless_noise_in_the_logs(smoke_run: SmokeRun) -> None:
+    from fedlab.logs import is_harmless
+
+    executed = smoke_run.report / "notebooks"
+    for name in ("01_synthea_generation.ipynb", "04_spark_features.ipynb", "05_federated_training.ipynb"):
+        nb = nbformat.read(executed / name, as_version=4)
+        images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert images, f"{name}: the executed notebook lost its figures"
+    for name in PIPELINE_NOTEBOOKS:
+        nb = nbformat.read(executed / name, as_version=4)
+        streams = [line for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"
+                   for line in o["text"].splitlines()]
+        assert not [line for line in streams if is_harmless(line)], name
+    logs = smoke_run.report / "logs"
+    kernel_logs = "".join((logs / name.replace(".ipynb", ".log")).read_text() for name in PIPELINE_NOTEBOOKS)
+    assert "Kernel is running over TCP without encryption" in kernel_logs
+    assert "NativeCodeLoader" in (logs / "spark.log").read_text()
+    assert "Unable to register cuDNN factory" in (logs / "noise.log").read_text()
 
 
 def _digest(folder: Path) -> dict[str, str]:

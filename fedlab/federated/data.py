@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fedlab.config import Experiment
+from fedlab.errors import FedlabError
 
 ID_COLUMNS = ("patient_id", "index_date")
 LABEL = "label"
@@ -34,7 +35,7 @@ SKIPPED = "_SKIPPED.json"  # written by the features stage for a site skipped un
 SINGLE_SITE_METHODS = ("local", "pooled")  # every other method needs at least two sites
 
 
-class FeatureDataError(ValueError):
+class FeatureDataError(FedlabError, ValueError):
     """A feature table is missing or does not follow the data contract; the message names it."""
 
 

@@ -22,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from tqdm.auto import tqdm
 from urllib3.util.retry import Retry
 
+from fedlab.errors import FedlabError
 from fedlab.fhir.smart import ASSERTION_TYPE, ClientKey, make_client_assertion
 
 FHIR_JSON = "application/fhir+json"
@@ -29,7 +30,7 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 TOKEN_REFRESH_MARGIN_S = 15.0
 
 
-class BulkDataError(RuntimeError):
+class BulkDataError(FedlabError):
     """The export could not be completed; the message names the URL or file concerned."""
 
 

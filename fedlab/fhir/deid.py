@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedlab.errors import FedlabError
 from fedlab.io import atomic_open
 
 RESTRICTED_ZIP3 = frozenset({"036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831",
@@ -69,7 +70,7 @@ _LOCAL_REFERENCE = re.compile(r"^(?P<prefix>(?:.*/)?(?P<type>[A-Z][A-Za-z]+)/)(?
 _CONDITIONAL_REFERENCE = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)\?identifier=(?:[^|]*\|)?(?P<id>.+)$")
 
 
-class DeidError(ValueError):
+class DeidError(FedlabError, ValueError):
     """A resource or file cannot be de-identified; the message names the file, line or element."""
 
 

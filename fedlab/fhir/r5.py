@@ -13,6 +13,8 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+from fedlab.errors import FedlabError
+
 R5_VERSION = "5.0.0"
 R4_VERSION = "4.0.1"
 ENCOUNTER_STATUS = {"planned": "planned", "arrived": "in-progress", "triaged": "in-progress",
@@ -26,7 +28,7 @@ DEVICE_PATIENT_EXTENSION = "http://hl7.org/fhir/4.0/StructureDefinition/extensio
 Resource = dict[str, Any]
 
 
-class R5MappingError(ValueError):
+class R5MappingError(FedlabError, ValueError):
     """A resource cannot be mapped to R5; the message names the resource and element."""
 
 

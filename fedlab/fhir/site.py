@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedlab.errors import FedlabError
 from fedlab.fhir.deid import DeidPolicy
 from fedlab.fhir.smart import ClientKey
 from fedlab.io import atomic_open, is_complete
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 KEY_ALGORITHM = "ES384"
 
 
-class ExportStageError(RuntimeError):
+class ExportStageError(FedlabError):
     """A site cannot be served or exported; the message names the site and what to do."""
 
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from fedlab.errors import FedlabError
 from fedlab.io import atomic_open, write_json
 
 SIGNING_ALGORITHMS = ("RS384", "ES384")
@@ -36,7 +37,7 @@ SCOPES_SUPPORTED = ("system/*.rs", "system/*.read", "system/Patient.rs", "system
 Clock = Callable[[], float]
 
 
-class SmartError(Exception):
+class SmartError(FedlabError):
     """An OAuth error: `error` is the RFC 6749 code, `status` the HTTP status to answer with."""
 
     def __init__(self, error: str, description: str, status: int = 400) -> None:

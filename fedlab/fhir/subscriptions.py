@@ -28,6 +28,7 @@ import waitress
 from flask import Flask, Response, request
 from waitress import wasyncore
 
+from fedlab.errors import FedlabError
 from fedlab.io import atomic_open, read_json, write_json
 
 TOPIC_ID = "new-observation"
@@ -42,7 +43,7 @@ CONTENTS = ("empty", "id-only", "full-resource")
 MAX_HEARTBEAT_S = 3600
 
 
-class SubscriptionError(ValueError):
+class SubscriptionError(FedlabError, ValueError):
     """A Subscription request is invalid; the message names the element."""
 
 

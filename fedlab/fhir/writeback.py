@@ -15,6 +15,7 @@ from typing import Any
 
 import requests
 
+from fedlab.errors import FedlabError
 from fedlab.fhir.bulk import BulkDataClient
 from fedlab.fhir.smart import ClientKey
 
@@ -25,7 +26,7 @@ T2D_CODE, T2D_DISPLAY = "44054006", "Diabetes mellitus type 2 (disorder)"
 MODEL_SYSTEM = "https://fedlab.example.org/fhir/CodeSystem/models"
 
 
-class WriteBackError(RuntimeError):
+class WriteBackError(FedlabError):
     """The server refused the write-back; `status` and `outcome` carry its answer."""
 
     def __init__(self, message: str, status: int | None = None, outcome: dict[str, Any] | None = None) -> None:

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from fedlab import harmonization as hz
 from fedlab.errors import FedlabError
 from fedlab.io import SUCCESS, is_complete, read_json, staging_dir, write_json
+from fedlab.stages import record_written
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -566,6 +567,7 @@ def build_features(exp: Experiment, run: str | None = None, sites: list[str] | N
                     "sites_built_together": len(results)}
             write_site(result.features, result.quality, exp.task, exp.seed, exp.data_path("features", run, site),
                        info)
+    record_written(exp, run, "features")
     return {site: exp.data_path("features", run, site) for site in site_ids
             if (exp.data_path("features", run, site) / "features.parquet").is_file()
             and not (exp.data_path("features", run, site) / SKIPPED).is_file()}

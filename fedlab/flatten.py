@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 from fedlab import harmonization as hz
 from fedlab.errors import FedlabError
 from fedlab.io import SUCCESS, atomic_open, is_complete, read_json, staging_dir, write_json
+from fedlab.stages import record_written
 from fedlab.views.plan import ViewRows
 
 if TYPE_CHECKING:
@@ -1326,6 +1327,7 @@ def flatten(exp: Experiment, run: str | None = None, sites: list[str] | None = N
 
             spark = get_spark(exp)  # one session for every site
         outputs[site] = flatten_site(exp.data_path("export", run, site), out, site, engine, spark, runner)
+    record_written(exp, run, "flatten")
     return outputs
 
 

@@ -23,123 +23,34 @@ which already uses every core.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedlab.config import Experiment, load_experiment, override_strings, parse_overrides
 from fedlab.errors import FedlabError
-from fedlab.io import is_complete, read_json, write_json
+from fedlab.io import read_json, write_json
 from fedlab.notebooks import run_notebook
-
-PACKAGE = Path(__file__).resolve().parent
-PROJECT = PACKAGE.parent
-NOTEBOOKS_DIR = PROJECT / "notebooks"
-LOCK_FILE = PROJECT / "requirements" / "lock.txt"
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    notebook: str
-    config_keys: tuple[str, ...]
-    code: tuple[str, ...]
-    outputs_complete: Callable[[Experiment, str], bool]
-    site_dir: str | None = None  # per-site stages: the folder under data/ holding one folder per site
-
-
-SKIPPED_MARKER = "_SKIPPED.json"  # a site left out under `task.on_site_error: skip`
-
-
-def _site_done(folder: Path) -> bool:
-    return is_complete(folder) or (folder / SKIPPED_MARKER).is_file()
-
-
-def _sites_complete(stage_dir: str) -> Callable[[Experiment, str], bool]:
-    def check(exp: Experiment, run: str) -> bool:
-        return all(_site_done(exp.data_path(stage_dir, run, site)) for site in exp.site_ids)
-    return check
-
-
-def _report_file(name: str) -> Callable[[Experiment, str], bool]:
-    return lambda exp, run: (exp.report_path(run) / name).is_file()
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("generate", "01_synthea_generation.ipynb", ("seed", "sites", "generate"), ("synthea",),
-          _sites_complete("synthea"), "synthea"),
-    Stage("export", "02_bulk_export_smart.ipynb", ("export",), ("fhir",), _sites_complete("export"), "export"),
-    Stage("flatten", "03_fhiry_flattening.ipynb", ("flatten",), ("flatten.py", "harmonization", "views"),
-          _sites_complete("tables"), "tables"),
-    Stage("features", "04_spark_features.ipynb", ("seed", "task"), ("features.py", "spark.py"),
-          _sites_complete("features"), "features"),
-    Stage("train", "05_federated_training.ipynb", ("seed", "train"), ("federated", "tffctx.py"),
-          _report_file("results.json")),
-    Stage("report", "06_report.ipynb", (), ("report.py",), _report_file("results.md")),
+from fedlab.stages import (
+    NOTEBOOKS_DIR,
+    PIPELINE_NOTEBOOKS,
+    STAGE_NAMES,
+    STAGES,
+    Stage,
+    StampBook,
+    output_fingerprint,
+    site_done,
+    stage_stamp,
+    staleness,
 )
-STAGE_NAMES = tuple(s.name for s in STAGES)
-PIPELINE_NOTEBOOKS = tuple(s.notebook for s in STAGES)
 
-
-# ---------- stamps ----------
-
-def _hash_paths(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
-            if path.is_dir() else [path]
-        for file in files:
-            if file.exists():
-                name = file.relative_to(PROJECT) if file.is_relative_to(PROJECT) else file.name
-                digest.update(str(name).encode())
-                digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def stage_stamp(stage: Stage, exp: Experiment, upstream: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> str:
-    config = exp.model_dump(mode="json")
-    params = {key: config.get(key) for key in stage.config_keys}
-    parts = {
-        "stage": stage.name,
-        "params": params,
-        "code": _hash_paths([PACKAGE / c for c in stage.code] + [PACKAGE / "config.py", PACKAGE / "io.py",
-                                                                 notebooks_dir / stage.notebook]),
-        "lock": _hash_paths([LOCK_FILE]),
-        "upstream": upstream,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def config_fingerprint(exp: Experiment) -> str:
-    payload = json.dumps(exp.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-class StampBook:
-    """`reports/<run>/stamps.json`: per stage, the stamp of the last started and finished run."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[str, dict[str, Any]] = read_json(path) if path.is_file() else {}
-
-    def done(self, stage: str) -> str | None:
-        return self.entries.get(stage, {}).get("done")
-
-    def started(self, stage: str) -> str | None:
-        return self.entries.get(stage, {}).get("started")
-
-    def record(self, stage: str, **fields: Any) -> None:
-        self.entries.setdefault(stage, {}).update(fields)
-        write_json(self.path, self.entries)
-
+__all__ = ["PIPELINE_NOTEBOOKS", "STAGES", "STAGE_NAMES", "load_for_notebook", "plan", "reproduce",
+           "run_notebook"]
 
 # ---------- sites in parallel ----------
 
@@ -222,7 +133,7 @@ def run_sites_parallel(stage: str, config: Path, overrides: dict[str, Any] | Non
 
 def _parallel_sites(stage: Stage, exp: Experiment, run: str, config: Path, overrides: dict[str, Any] | None,
                     requested: int, echo: Callable[[str], None]) -> None:
-    todo = [s for s in exp.site_ids if not _site_done(exp.data_path(stage.site_dir or "", run, s))]
+    todo = [s for s in exp.site_ids if not site_done(exp.data_path(stage.site_dir or "", run, s))]
     if not todo:
         return
     available = available_memory_mb()
@@ -256,20 +167,32 @@ def _stage_names(names: list[str] | None, what: str) -> list[str]:
     return chosen
 
 
+def _previous(stage: Stage) -> Stage | None:
+    index = STAGES.index(stage)
+    return STAGES[index - 1] if index else None
+
+
 def plan(exp: Experiment, run: str, force: list[str], start_from: str | None,
          notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict[str, Any]]:
     """Decide, per stage, whether to skip, resume or redo it, and why."""
     book = StampBook(exp.report_path(run) / "stamps.json")
     redo_from = STAGE_NAMES.index(start_from) if start_from else len(STAGES)
-    upstream = ""
+    upstream, redone = "", start_from or ""
     steps = []
     for index, stage in enumerate(STAGES):
         stamp = stage_stamp(stage, exp, upstream, notebooks_dir)
         upstream = stamp
         executed = exp.report_path(run) / "notebooks" / stage.notebook
         complete = stage.outputs_complete(exp, run)
-        if index >= redo_from or stage.name in force:
+        # after a resumed stage, whether its outputs came out the same is checked when it has run
+        upstream_resumes = bool(steps) and steps[-1]["action"] == "resume"
+        stale = staleness(book, stage, None if upstream_resumes else _previous(stage), stamp, exp, run)
+        if stage.name in force or (start_from and index >= redo_from):
             action, why = "redo", "asked for"
+        elif index >= redo_from:
+            action, why = "redo", f"after {redone} is redone"
+        elif book.done(stage.name) == stamp and complete and executed.is_file() and stale:
+            action, why = "redo", stale
         elif book.done(stage.name) == stamp and complete and executed.is_file():
             action, why = "skip", "stamp matches and outputs are complete"
         elif book.done(stage.name) == stamp or book.started(stage.name) == stamp:
@@ -278,6 +201,8 @@ def plan(exp: Experiment, run: str, force: list[str], start_from: str | None,
             action, why = "redo", "parameters, code or inputs changed"
         else:
             action, why = "resume", "first run"
+        if action == "redo" and index < redo_from:
+            redo_from, redone = index + 1, stage.name  # what a redone stage feeds is redone too
         steps.append({"stage": stage.name, "notebook": stage.notebook, "stamp": stamp, "action": action,
                       "why": why})
     return steps
@@ -309,14 +234,17 @@ def reproduce(config: str | os.PathLike[str], run: str | None = None, overrides:
         name, notebook = step["stage"], step["notebook"]
         if name not in only:
             continue
+        stage = STAGES[STAGE_NAMES.index(name)]
         if step["action"] == "skip":
-            echo(f"[fedlab reproduce] {name}: cached ({step['why']})")
-            continue
+            stale = staleness(book.reload(), stage, _previous(stage), step["stamp"], exp, run)  # after a stage ran
+            if stale is None:
+                echo(f"[fedlab reproduce] {name}: cached ({step['why']})")
+                continue
+            step = {**step, "action": "redo", "why": stale}
         echo(f"[fedlab reproduce] {name}: {step['action']} ({step['why']}) -> {notebook}")
         source = notebooks_dir / notebook
         if not source.is_file():
             raise FedlabError(f"notebook {source} not found")
-        stage = STAGES[STAGE_NAMES.index(name)]
         book.record(name, started=step["stamp"])
         if step["action"] == "redo":
             _clear_site_outputs(stage, exp, run)
@@ -330,7 +258,10 @@ def reproduce(config: str | os.PathLike[str], run: str | None = None, overrides:
         seconds = time.perf_counter() - started
         if not stage.outputs_complete(exp, run):
             raise FedlabError(f"stage {name}: {notebook} finished but its outputs are incomplete")
-        book.record(name, done=step["stamp"], finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        previous = _previous(stage)
+        book.record(name, done=step["stamp"], finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    outputs=output_fingerprint(stage, exp, run),
+                    inputs=output_fingerprint(previous, exp, run) if previous else None)
         timings.append({"stage": name, "notebook": notebook, "seconds": round(seconds, 2)})
         echo(f"[fedlab reproduce] {name}: done in {seconds:.1f} s")
     _record_timings(exp, run, timings)

@@ -6,7 +6,9 @@ Reads only `reports/<run>/results.json` (written by the train stage) and the sta
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 from collections import defaultdict
@@ -19,6 +21,7 @@ from fedlab.config import Experiment
 from fedlab.errors import FedlabError
 from fedlab.io import atomic_open, read_json, write_json
 from fedlab.provenance import git_state
+from fedlab.stages import record_written
 
 PACKAGES = ("tensorflow", "tensorflow-federated", "pyspark", "fhiry", "pandas", "numpy", "scikit-learn",
             "papermill", "flask", "waitress", "pyjwt", "fhir.resources", "pint", "fedlab-fhir")
@@ -457,15 +460,23 @@ def write_report(exp: Experiment, run: str | None = None) -> Path:
     results_path = out / "results.json"
     if not results_path.is_file():
         raise FedlabError(f"{results_path} not found: run `fedlab train --config {exp.source or 'CONFIG'}` first")
-    results = read_json(results_path)
+    raw = results_path.read_bytes()  # read once: results.md, report.html and the manifest share it
+    try:
+        results = json.loads(raw)
+    except ValueError as err:
+        raise FedlabError(f"{results_path}: not valid JSON ({err}); rerun `fedlab train`") from None
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
         raise FedlabError(f"{results_path}: expected an object with a 'rows' list")
+    digest = hashlib.sha256(raw).hexdigest()
     figures = make_figures(exp, results, out / "figures")
     with atomic_open(out / "results.md", "w", encoding="utf-8") as handle:
         handle.write(results_markdown(exp, results, figures, run))
-    manifest = build_manifest(exp, run, results)
+        handle.write(f"\n---\nMade from `results.json` (SHA-256 `{digest}`); `manifest.json` records the same "
+                     "hash, and `fedlab reproduce --dry-run` says when this report is stale.\n")
+    manifest = {**build_manifest(exp, run, results), "results_sha256": digest}
     write_json(out / "manifest.json", manifest)
     write_html(out / "results.md", out / "report.html", manifest)
+    record_written(exp, run, "report")
     return out / "results.md"
 
 
@@ -473,7 +484,6 @@ def write_html(results_md: Path, target: Path, manifest: dict[str, Any]) -> Path
     """One self-contained HTML file (figures inlined) that can be sent to a colleague."""
     import base64
     import html
-    import json
     import re
 
     import markdown

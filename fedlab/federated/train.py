@@ -36,6 +36,7 @@ from fedlab.federated.fedavg import RoundCallback
 from fedlab.federated.models import forward_numpy, initial_weights, make_model_fn, predict
 from fedlab.federated.runner import NOT_IMPLEMENTED, POOLED_TEST, SEQUENTIAL_METHODS, Runner, Scaled, scale
 from fedlab.io import atomic_open, write_json
+from fedlab.stages import record_written
 from fedlab.tffctx import init_tff
 
 ALL_METHODS = ("local", "pooled", *SEQUENTIAL_METHODS, *fedavg.FEDERATED_METHODS)
@@ -152,7 +153,9 @@ def train(
         timings["privacy_sweep_seconds"] = time.perf_counter() - sweep_start
     timings["build_seconds"] = dict(runner.build_seconds)
     results["timings"] = {**timings, "total_seconds": time.perf_counter() - started}
-    return write_json(out_dir / "results.json", results)
+    path = write_json(out_dir / "results.json", results)
+    record_written(exp, run, "train")
+    return path
 
 
 def _check_methods(methods: list[str]) -> list[str]:

@@ -32,6 +32,7 @@ from fedlab.fhir.site import (
 )
 from fedlab.fhir.smart import ClientRegistry
 from fedlab.io import is_complete, mark_complete, read_json, staging_dir, write_json
+from fedlab.stages import record_written
 
 # The site's paths and policies live in `fedlab.fhir.site` (the server uses them too); they are
 # part of this stage's API as well.
@@ -54,6 +55,7 @@ def export(exp: Experiment, run: str | None = None, sites: list[str] | None = No
             continue
         results[site] = export_site(exp, run, site, bulk_dirs[site], progress,
                                     deid_date_mode or exp.export.deid_date_mode)
+    record_written(exp, run, "export")
     return results
 
 

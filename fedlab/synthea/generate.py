@@ -24,6 +24,7 @@ import numpy as np
 from fedlab.config import Experiment, SiteConfig
 from fedlab.errors import FedlabError
 from fedlab.io import SUCCESS, is_complete, mark_complete, read_json, staging_dir
+from fedlab.stages import record_written
 from fedlab.synthea import codes
 from fedlab.synthea.export import (
     BulkRewriter,
@@ -320,6 +321,7 @@ def generate(exp: Experiment, run: str | None = None, sites: list[str] | None = 
         if force or not _is_current(folder, _fingerprint(exp, site)):
             _generate_site(exp, site, folder, progress)
         folders[site.id] = folder
+    record_written(exp, run, "generate")
     return folders
 
 

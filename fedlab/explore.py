@@ -103,3 +103,25 @@ def read_features(exp: Experiment, run: str) -> pd.DataFrame:
     frames = [pd.read_parquet(folder / "features.parquet").assign(site=s)
               for s, folder in folders.items() if not (folder / SKIPPED).is_file()]
     return pd.concat(frames, ignore_index=True)
+
+
+def compact_ids(frame: pd.DataFrame, width: int = 8) -> pd.DataFrame:
+    """A copy for display: id columns (`*_id`) cut to their first `width` characters plus "…"."""
+    out = frame.copy()
+    for column in out.columns:
+        if str(column).endswith("_id") and out[column].dtype == object:
+            out[column] = out[column].map(lambda v: v if not isinstance(v, str) or len(v) <= width + 1
+                                          else v[:width] + "…")
+    return out
+
+
+def site_axes(plt: Any, n: int, per_row: int = 4, size: tuple[float, float] = (3.2, 3.0),
+              **kwargs: Any) -> tuple[Any, list[Any]]:
+    """A figure with one small plot per site (or per column), `per_row` to a row, as a flat list;
+    works for one site as for twelve."""
+    rows, cols = -(-n // per_row), min(n, per_row)
+    fig, grid = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False, **kwargs)
+    axes = list(grid.flat)
+    for extra in axes[n:]:
+        extra.set_visible(False)
+    return fig, axes[:n]

@@ -26,6 +26,8 @@ from fedlab.stages import record_written
 PACKAGES = ("tensorflow", "tensorflow-federated", "pyspark", "fhiry", "pandas", "numpy", "scikit-learn",
             "papermill", "flask", "waitress", "pyjwt", "fhir.resources", "pint", "fedlab-fhir")
 PRIMARY_METRIC = "auroc"
+SOURCE_ARTICLE = ("医疗数据互操作性与联邦学习的python编程方向研究(上) (\"Research on Python programming for "
+                  "healthcare data interoperability and federated learning\", part 1, a Chinese blog post)")
 SEED_CLAIMS = {
     "single_site_gain": "federated +19.3% over single-site",
     "communication_saving": "78% less communication than centralized training",
@@ -165,7 +167,23 @@ def results_markdown(exp: Experiment, results: dict[str, Any], figures: list[str
     lines += _claims_section(exp, results, table)
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    lines += _next_steps_section(exp, run)
     return "\n".join(lines) + "\n"
+
+
+def _next_steps_section(exp: Experiment, run: str | None) -> list[str]:
+    config = exp.source or "CONFIG"
+    run = run or exp.name
+    return ["", "## What to look at next", "",
+            "- **The reference run.** `reports/reference/` holds the full study (`configs/paper.yaml`), made "
+            "on the same code. Its `results.md` is what this toolkit measures at scale.",
+            f"- **Compare with it.** `fedlab compare reports/{run} reports/reference` says which numbers agree "
+            "within their confidence intervals.",
+            f"- **The notebooks.** `reports/{run}/notebooks/` holds the executed notebooks 01-06 (and their HTML): "
+            "the generated populations, the Bulk Data export, the flattened tables, the features, the training "
+            "and this report, each with exercises. Open `notebooks/` in JupyterLab to run them yourself.",
+            f"- **Change one thing and rerun.** `fedlab reproduce --config {config} --set train.rounds=20` reruns "
+            "only the stages that change; `--dry-run` shows which."]
 
 
 def _sites_section(exp: Experiment, results: dict[str, Any]) -> list[str]:
@@ -279,6 +297,8 @@ def _claims_section(exp: Experiment, results: dict[str, Any], table: dict) -> li
     saving = communication_saving(results)
     saving_text = f"{100 * saving:.1f}% less" if saving is not None else "not measured in this run"
     return ["", "## The source article's claims, measured", "",
+            f"The source article is {SOURCE_ARTICLE}. Its claims are printed beside what this run measured; "
+            "they are claims, not results.", "",
             "| claim | protocol here | measured | comparable because |", "|---|---|---|---|",
             f"| {SEED_CLAIMS['single_site_gain']} | FedAvg vs Local-k, AUROC on each site's own test set, mean over "
             f"sites, {len(exp.train.seeds)} seed(s) | {gain:+.1f}% relative (Δ {fed - base['local_own_site']:+.3f} "
@@ -354,7 +374,7 @@ def _auroc_bars(plt: Any, table: dict, test_sites: list[str]) -> Any:
     ax.set_ylabel("AUROC")
     ax.set_ylim(0.0, 1.05)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=8, ncols=min(4, len(models)))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # never over the bars
     ax.set_title("AUROC by test site (95% CI)")
     return fig
 
@@ -380,11 +400,28 @@ def _privacy_curve(plt: Any, curve: list[dict[str, Any]]) -> Any:
     fig, ax = plt.subplots(figsize=(5, 3.4))
     if points:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-    ax.set_xscale("log")
+    _log_axis_with_plain_ticks(ax, [p[0] for p in points])
     ax.set_xlabel("ε (client-level, RDP accountant)")
     ax.set_ylabel("AUROC, pooled test set")
     ax.set_title("Utility vs privacy (DP-FedAvg)")
     return fig
+
+
+def _log_axis_with_plain_ticks(ax: Any, values: list[float]) -> None:
+    """A log x axis labelled 1, 2, 5, 10, 20, ... without overprinted minor labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if values and min(values) > 0:
+        ax.set_xlim(min(values) / 1.5, max(values) * 1.5)
+
+
+def kxk_figure(plt: Any, table: dict, sites: list[str]) -> Any:
+    """Local-k models (rows) on every site's test set (columns), AUROC on a 0-1 scale centred at 0.5."""
+    return _kxk_heatmap(plt, table, sites)
 
 
 def _kxk_heatmap(plt: Any, table: dict, sites: list[str]) -> Any:
@@ -394,7 +431,10 @@ def _kxk_heatmap(plt: Any, table: dict, sites: list[str]) -> Any:
             cell = table.get(("local", train, test))
             grid[i, j] = cell["mean"] if cell else np.nan
     fig, ax = plt.subplots(figsize=(1.2 * len(sites) + 2, 1.0 * len(sites) + 1.5))
-    image = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis")
+    from matplotlib.colors import TwoSlopeNorm
+
+    # 0.5 (chance) is the neutral colour; below it is as visible as above it
+    image = ax.imshow(grid, norm=TwoSlopeNorm(vmin=0.0, vcenter=0.5, vmax=1.0), cmap="RdBu")
     ax.set_xticks(range(len(sites)), sites, rotation=30, ha="right")
     ax.set_yticks(range(len(sites)), sites)
     ax.set_xlabel("test site")
@@ -402,7 +442,9 @@ def _kxk_heatmap(plt: Any, table: dict, sites: list[str]) -> Any:
     for i in range(len(sites)):
         for j in range(len(sites)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="white", fontsize=8)
+                strong = abs(grid[i, j] - 0.5) > 0.3
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="white" if strong else "black",
+                        fontsize=8)
     fig.colorbar(image, ax=ax, label="AUROC")
     ax.set_title("Local-k models on every site (K×K)")
     return fig
@@ -480,6 +522,29 @@ def write_report(exp: Experiment, run: str | None = None) -> Path:
     return out / "results.md"
 
 
+def notebook_view(results_md: Path) -> list[Any]:
+    """results.md as a notebook shows it: the text, then each figure embedded (the figure links in
+    results.md are relative to the report folder, which is not where a notebook lives)."""
+    import re
+
+    from IPython.display import Image, Markdown
+
+    text = results_md.read_text(encoding="utf-8")
+    figures = re.findall(r"^!\[[^\]]*\]\((figures/[^)]+\.png)\)$", text, flags=re.M)
+    text = re.sub(r"^!\[[^\]]*\]\(figures/[^)]+\)$\n?", "", text, flags=re.M)
+    text = text.replace("## Figures\n", "## Figures\n\n(below)\n")
+    return [Markdown(text), *(Image(filename=str(results_md.parent / f)) for f in figures
+                              if (results_md.parent / f).is_file())]
+
+
+def _with_contents(body: str, toc: str) -> str:
+    """The page's contents after the title and the headline (what comes before the first section)."""
+    toc = toc.replace('<div class="toc">', '<nav class="toc"><strong>Contents</strong>', 1).replace(
+        "</div>", "</nav>", 1)
+    first_section = body.find("<h2")
+    return body + toc if first_section < 0 else body[:first_section] + toc + body[first_section:]
+
+
 def write_html(results_md: Path, target: Path, manifest: dict[str, Any]) -> Path:
     """One self-contained HTML file (figures inlined) that can be sent to a colleague."""
     import base64
@@ -488,7 +553,9 @@ def write_html(results_md: Path, target: Path, manifest: dict[str, Any]) -> Path
 
     import markdown
 
-    body = markdown.markdown(results_md.read_text(encoding="utf-8"), extensions=["tables", "fenced_code"])
+    converter = markdown.Markdown(extensions=["tables", "fenced_code", "toc"],
+                                  extension_configs={"toc": {"toc_depth": "2-2"}})
+    body = _with_contents(converter.convert(results_md.read_text(encoding="utf-8")), converter.toc)
 
     def inline(match: re.Match[str]) -> str:
         image = results_md.parent / match.group(1)
@@ -500,8 +567,11 @@ def write_html(results_md: Path, target: Path, manifest: dict[str, Any]) -> Path
     body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
     manifest_text = html.escape(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(manifest['run'])}</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%}img{max-width:100%}</style></head><body>"
+            "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;display:block;overflow-x:auto}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;font-size:88%;white-space:nowrap}"
+            "td:first-child,td:nth-child(2){white-space:normal}img{max-width:100%}"
+            ".toc{background:#f6f6f6;padding:.5em 1em;margin:1em 0}.toc ul{margin:0}</style></head><body>"
             f"{body}<h2>Manifest</h2><details><summary>manifest.json</summary><pre>{manifest_text}</pre>"
             "</details></body></html>")
     with atomic_open(target, "w", encoding="utf-8") as handle:

@@ -93,8 +93,9 @@ def stage_stamp(stage: Stage, exp: Experiment, upstream: str, notebooks_dir: Pat
     parts = {
         "stage": stage.name,
         "params": params,
-        "code": _hash_paths([PACKAGE / c for c in stage.code] + [PACKAGE / "config.py", PACKAGE / "io.py",
-                                                                 notebooks_dir / stage.notebook]),
+        "code": _hash_paths([PACKAGE / c for c in stage.code] + [PACKAGE / "config.py", PACKAGE / "io.py"]),
+        "notebook": _hash_paths([notebooks_dir / stage.notebook]) if (notebooks_dir / stage.notebook).is_file()
+        else "missing",
         "lock": _hash_paths([LOCK_FILE]),
         "upstream": upstream,
     }

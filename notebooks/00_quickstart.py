@@ -89,10 +89,13 @@ results_path
 # ## 6. Report
 
 # %%
-from IPython.display import Markdown
+from IPython.display import display
+
+from fedlab.report import notebook_view
 
 report_md = write_report(exp, run)
-Markdown(report_md.read_text())
+for part in notebook_view(report_md):
+    display(part)
 
 # %% [markdown]
 # ## Questions

@@ -31,7 +31,13 @@ overrides = []  # a list of --set strings (or one)
 # %%
 import matplotlib.pyplot as plt
 
-from fedlab.explore import site_condition_codes, site_condition_prevalence, site_observations, site_patients
+from fedlab.explore import (
+    site_axes,
+    site_condition_codes,
+    site_condition_prevalence,
+    site_observations,
+    site_patients,
+)
 from fedlab.pipeline import load_for_notebook
 from fedlab.synthea import generate
 
@@ -45,7 +51,7 @@ folders = generate(exp, run, force=force)
 
 # %%
 patients = site_patients(exp, run)
-fig, axes = plt.subplots(1, len(exp.site_ids), figsize=(3.2 * len(exp.site_ids), 3), sharey=True)
+fig, axes = site_axes(plt, len(exp.site_ids), sharey=True)
 for ax, site in zip(axes, exp.site_ids):
     sub = patients[patients.site == site]
     for gender, colour in (("female", "tab:red"), ("male", "tab:blue")):
@@ -74,6 +80,7 @@ fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 for ax, (loinc, name) in zip(axes, (("39156-5", "BMI (kg/m2)"), ("4548-4", "HbA1c (%)"))):
     sub = labs[labs.loinc == loinc]
     ax.boxplot([sub[sub.site == s].value for s in exp.site_ids], tick_labels=exp.site_ids, showfliers=False)
+    ax.tick_params(axis="x", labelrotation=45 if len(exp.site_ids) > 4 else 0)
     ax.set_title(name)
 plt.tight_layout()
 

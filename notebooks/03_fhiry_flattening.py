@@ -40,11 +40,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedlab.explore import read_tables
+from fedlab.explore import compact_ids, read_tables
 from fedlab.flatten import flatten, flatten_bundles, run_fhiry
 from fedlab.io import read_json
 from fedlab.pipeline import load_for_notebook
 from fedlab.views import load_definitions, run_view_frame
+from fedlab.views.outline import view_outline
 
 exp = load_for_notebook(config, overrides)
 run = run or exp.name
@@ -76,13 +77,14 @@ wide[wide["resourceType"] == "Observation"].dropna(axis=1, how="all").head(3).T.
 
 # %%
 tidy_fhiry = flatten_bundles([bundle_path], engine="fhiry")
-tidy_fhiry["observation"].sort_values("effective").head(8)
+compact_ids(tidy_fhiry["observation"].sort_values("effective").head(8))
 
 # %% [markdown]
 # ## The same patient through the ViewDefinitions
 #
 # A ViewDefinition says *which* columns a table has and *where* each comes from, as FHIRPath. This
-# is the observation view. Two things to notice:
+# is the observation view, one row per column (the JSON itself is
+# `fedlab/views/definitions/observation.json`). Two things to notice:
 #
 # - `unionAll` with `forEach: "where(...)"` branches picks, per resource, the one branch whose
 #   condition holds: the own value when there are no components, else one row per component (the
@@ -95,7 +97,7 @@ tidy_fhiry["observation"].sort_values("effective").head(8)
 
 # %%
 views = load_definitions()
-print(json.dumps(views["observation"], indent=1)[:3000])
+view_outline(views["observation"])
 
 # %% [markdown]
 # Running the view gives exactly the view's columns, one row per observed value. fedlab compiles
@@ -104,7 +106,7 @@ print(json.dumps(views["observation"], indent=1)[:3000])
 
 # %%
 raw_rows = run_view_frame(views["observation"], resources)
-raw_rows.head(8)
+compact_ids(raw_rows.head(8))
 
 # %%
 tidy_views = flatten_bundles([bundle_path], engine="views")
@@ -113,7 +115,7 @@ same = tidy_views["observation"].sort_values(key).reset_index(drop=True).equals(
     tidy_fhiry["observation"].sort_values(key).reset_index(drop=True))
 print(f"views and fhiry give the same observation table for this patient: {same}")
 panels = tidy_views["observation"][tidy_views["observation"]["loinc"].isin(["8480-6", "8462-4"])]
-panels.head(6)
+compact_ids(panels.head(6))
 
 # %% [markdown]
 # ## Harmonization per site: flags

@@ -30,7 +30,7 @@ overrides = []  # a list of --set strings (or one)
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from fedlab.explore import read_features
+from fedlab.explore import read_features, site_axes
 from fedlab.features import build_features
 from fedlab.io import read_json
 from fedlab.pipeline import load_for_notebook
@@ -55,12 +55,12 @@ pd.json_normalize([{"site": s, **{k: v for k, v in q.items() if not isinstance(v
 # %%
 features = read_features(exp, run)
 columns = [c for c in ("age", "bmi_last", "hba1c_last", "glucose_last") if c in features.columns]
-fig, axes = plt.subplots(1, len(columns), figsize=(3.5 * len(columns), 3))
+fig, axes = site_axes(plt, len(columns), size=(3.5, 3.0))
 for ax, column in zip(axes, columns):
     for site, sub in features.groupby("site"):
         ax.hist(sub[column].dropna(), bins=20, alpha=0.45, density=True, label=site)
     ax.set_title(column)
-axes[0].legend(fontsize=7)
+axes[0].legend(fontsize=7, ncols=1 + len(exp.site_ids) // 6)
 plt.tight_layout()
 
 # %%

@@ -57,16 +57,11 @@ auroc.pivot_table(index=["method", "train_sites"], columns="test_site", values="
 # ## Local-k models on every site: the K×K matrix
 
 # %%
-local = auroc[auroc.method == "local"].pivot_table(index="train_sites", columns="test_site", values="value")
-if not local.empty:
-    local = local.reindex(index=exp.site_ids, columns=exp.site_ids)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    image = ax.imshow(local.values, vmin=0.5, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(len(local.columns)), local.columns, rotation=30)
-    ax.set_yticks(range(len(local.index)), local.index)
-    ax.set_xlabel("test site")
-    ax.set_ylabel("trained on")
-    fig.colorbar(image, ax=ax)
+from fedlab.report import bootstrap_summary, kxk_figure, trained_sites
+
+if (auroc.method == "local").any():
+    kxk_figure(plt, bootstrap_summary(results), trained_sites(exp, results))
+    plt.show()
 
 # %% [markdown]
 # ## Communication

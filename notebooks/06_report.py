@@ -24,10 +24,10 @@ force = False  # True: redo this stage even if its outputs are complete
 overrides = []  # a list of --set strings (or one)
 
 # %%
-from IPython.display import Image, Markdown, display
+from IPython.display import display
 
 from fedlab.pipeline import load_for_notebook
-from fedlab.report import write_report
+from fedlab.report import notebook_view, write_report
 
 exp = load_for_notebook(config, overrides)
 run = run or exp.name
@@ -35,11 +35,8 @@ results_md = write_report(exp, run)
 print(results_md)
 
 # %%
-display(Markdown(results_md.read_text()))
-
-# %%
-for png in sorted((results_md.parent / "figures").glob("*.png")):
-    display(Image(filename=str(png)))
+for part in notebook_view(results_md):
+    display(part)
 
 # %% [markdown]
 # ## Questions

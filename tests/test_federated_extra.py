@@ -191,14 +191,6 @@ def test_lr_tuning_ignores_test_labels(tmp_path: Path, tff) -> None:
         assert set(val.test_patient) <= set(split.train_patient)
 
 
-def test_scaffold_is_rejected_by_name(tmp_path: Path) -> None:
-    from fedlab.federated import train
-
-    exp = smoke_experiment_in(tmp_path, {"train.methods": ["fedavg", "scaffold"]})
-    with pytest.raises(ValueError, match="SCAFFOLD .*'scaffold'"):
-        train(exp, progress=False)
-
-
 # ---------------------------------------------------------------- the stage with every option
 
 

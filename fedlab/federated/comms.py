@@ -101,6 +101,16 @@ def communication(
     }
 
 
+def scaffold_round_bytes(tff: ModuleType, process: Any, model_fn: Any) -> tuple[int, int]:
+    """SCAFFOLD bytes per client per round from its types: down = the broadcast model and server
+    control variate; up = model delta + control delta (unweighted mean: no client weight) + the
+    unfinalized training metrics. The client's own control variate stays at the client."""
+    state = process.next.type_signature.parameter[0].member
+    down = type_bytes(tff, state.global_model_weights) + type_bytes(tff, state.control)
+    trainable = tff.learning.models.weights_type_from_model(model_fn).trainable
+    return down, 2 * type_bytes(tff, trainable) + unfinalized_metrics_bytes(model_fn)
+
+
 def sequential_communication(
     weights: list[np.ndarray], n_clients: int, visits_per_round: int, rounds: int, raw_bytes: dict[str, int]
 ) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from sklearn.metrics import roc_auc_score
 from fedlab.config import Experiment
 from fedlab.federated import data, fedavg, privacy
 from fedlab.federated.models import forward_numpy, initial_weights, make_model_fn
-from fedlab.federated.runner import POOLED_TEST, SEQUENTIAL_METHODS, Runner, scale
+from fedlab.federated.runner import CONTROL_VARIATE_METHODS, POOLED_TEST, SEQUENTIAL_METHODS, Runner, scale
 from fedlab.tffctx import init_tff
 
-INTERACTIVE_METHODS = (*fedavg.FEDERATED_METHODS, *SEQUENTIAL_METHODS)
+INTERACTIVE_METHODS = (*fedavg.FEDERATED_METHODS, *CONTROL_VARIATE_METHODS, *SEQUENTIAL_METHODS)
 # (round number from 1, mean client training loss, pooled-test AUROC or None)
 ProgressCallback = Callable[[int, float, float | None], None]
 

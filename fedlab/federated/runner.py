@@ -17,15 +17,12 @@ from typing import Any
 import numpy as np
 
 from fedlab.config import Experiment, TrainConfig
-from fedlab.federated import cyclic, data, fedavg, local, pooled
+from fedlab.federated import cyclic, data, fedavg, local, pooled, scaffold
 from fedlab.federated.fedavg import Aggregation, RoundCallback
 
 POOLED_TEST = "pooled"
 SEQUENTIAL_METHODS = ("cyclic",)
-NOT_IMPLEMENTED = {
-    "scaffold": "SCAFFOLD (control variates) is not implemented in fedlab yet; remove 'scaffold' from "
-    "train.methods (available: local, pooled, cyclic, fedavg, fedprox, fedadam, fedyogi, fedadagrad)",
-}
+CONTROL_VARIATE_METHODS = ("scaffold",)  # stateful clients: not a tff.learning LearningProcess
 
 
 @dataclass(frozen=True)
@@ -79,6 +76,7 @@ class Runner:
     model_fn: Any
     n_sites: int
     processes: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    scaffolds: dict[tuple[float, float], scaffold.ScaffoldProcess] = field(default_factory=dict)
     build_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -114,6 +112,15 @@ class Runner:
             )
             self.build_seconds[f"{method}:lr={lr:g}"] = time.perf_counter() - start
         return self.processes[key]
+
+    def scaffold_process(self, lr: float) -> scaffold.ScaffoldProcess:
+        server_lr = self.cfg.server_lrs.get("scaffold", self.cfg.server_lr)
+        key = (lr, server_lr)
+        if key not in self.scaffolds:
+            start = time.perf_counter()
+            self.scaffolds[key] = scaffold.build_scaffold(self.tff, self.model_fn, lr, server_lr, self.n_sites)
+            self.build_seconds[f"scaffold:lr={lr:g}"] = time.perf_counter() - start
+        return self.scaffolds[key]
 
     def any_process(self) -> Any:
         return next(iter(self.processes.values())) if self.processes else None
@@ -153,4 +160,17 @@ class Runner:
                     self.tff, method, process, init, splits, scaled_train, exp_seed, seed, cfg, on_round
                 )
             ]
-        raise ValueError(NOT_IMPLEMENTED.get(method, f"unknown training method {method!r}"))
+        if method == "scaffold":
+            requested = aggregation or self.aggregation(seed)
+            if requested.private or requested.quantize_bits:
+                raise ValueError(
+                    "scaffold runs with exact aggregation only: turn off train.privacy.enabled and "
+                    "train.quantize_bits, or leave scaffold out of train.methods"
+                )
+            process = self.scaffold_process(lr)
+            return [
+                scaffold.train_scaffold(
+                    self.tff, process, init, splits, scaled_train, exp_seed, seed, cfg, on_round
+                )
+            ]
+        raise ValueError(f"unknown training method {method!r}")

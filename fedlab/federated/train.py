@@ -34,13 +34,20 @@ from fedlab.config import Experiment
 from fedlab.federated import comms, data, evaluate, fedavg, local, privacy, quantize, tuning
 from fedlab.federated.fedavg import RoundCallback
 from fedlab.federated.models import forward_numpy, initial_weights, make_model_fn, predict
-from fedlab.federated.runner import NOT_IMPLEMENTED, POOLED_TEST, SEQUENTIAL_METHODS, Runner, Scaled, scale
+from fedlab.federated.runner import (
+    CONTROL_VARIATE_METHODS,
+    POOLED_TEST,
+    SEQUENTIAL_METHODS,
+    Runner,
+    Scaled,
+    scale,
+)
 from fedlab.io import atomic_open, write_json
 from fedlab.stages import record_written
 from fedlab.tffctx import init_tff
 
-ALL_METHODS = ("local", "pooled", *SEQUENTIAL_METHODS, *fedavg.FEDERATED_METHODS)
-CURVE_METHODS = (*SEQUENTIAL_METHODS, *fedavg.FEDERATED_METHODS)
+ALL_METHODS = ("local", "pooled", *SEQUENTIAL_METHODS, *fedavg.FEDERATED_METHODS, *CONTROL_VARIATE_METHODS)
+CURVE_METHODS = (*SEQUENTIAL_METHODS, *fedavg.FEDERATED_METHODS, *CONTROL_VARIATE_METHODS)
 SECURE_AGGREGATION_NOTE = (
     "not applied: TFF's secure_aggregator runs only in TFF's test execution context; the simulation "
     "runtime sums client updates in the clear"
@@ -159,9 +166,6 @@ def train(
 
 
 def _check_methods(methods: list[str]) -> list[str]:
-    not_built = [m for m in methods if m in NOT_IMPLEMENTED]
-    if not_built:
-        raise ValueError(NOT_IMPLEMENTED[not_built[0]])
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown training method(s) {unknown}; choose from {list(ALL_METHODS)}")
@@ -258,9 +262,9 @@ def _communication(
     cfg = exp.train
     raw = {s.site: s.file_bytes for s in sites}
     weights = initial_weights(cfg.model, n_features, 0)
-    federated = [m for m in methods if m in fedavg.FEDERATED_METHODS]
+    federated = [m for m in methods if m in fedavg.FEDERATED_METHODS or m in CONTROL_VARIATE_METHODS]
     if federated:
-        process = runner.any_process() or runner.process(federated[0], cfg.client_lr, runner.aggregation(0))
+        process = runner.any_process() or runner.process("fedavg", cfg.client_lr, runner.aggregation(0))
         out = comms.communication(
             runner.tff,
             runner.model_fn,
@@ -277,7 +281,7 @@ def _communication(
     else:
         return {"methods": [], "raw_data_bytes": int(sum(raw.values())), "raw_data_bytes_per_site": raw}
     out["per_method"] = {
-        m: _method_bytes(out, m, weights, cfg.quantize_bits) for m in methods if m in CURVE_METHODS
+        m: _method_bytes(out, m, weights, cfg.quantize_bits, runner) for m in methods if m in CURVE_METHODS
     }
     if cfg.quantize_bits:
         out["quantization"] = _quantization_summary(out, weights, cfg.quantize_bits)
@@ -296,12 +300,16 @@ def _communication(
 
 
 def _method_bytes(
-    base: dict[str, Any], method: str, weights: list[np.ndarray], bits: int | None
+    base: dict[str, Any], method: str, weights: list[np.ndarray], bits: int | None, runner: Runner
 ) -> dict[str, Any]:
     participants = base["clients_per_round"]
     if method == "cyclic":
         down, up = int(sum(w.nbytes for w in weights)), 0
         counting = "one model transfer per site visit"
+    elif method == "scaffold":
+        process = next(iter(runner.scaffolds.values()), None) or runner.scaffold_process(runner.cfg.client_lr)
+        down, up = comms.scaffold_round_bytes(runner.tff, process.process, runner.model_fn)
+        counting = "model and server control variate down; model delta + control delta + metrics up"
     else:
         down, up = base["bytes_down_per_client_per_round"], base["bytes_up_per_client_per_round"]
         counting = "broadcast weights down; delta + client weight + metrics up"

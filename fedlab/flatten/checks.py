@@ -106,16 +106,29 @@ def _fine_source(rtype: str) -> str:
               "        return False"]
     for _name, keys in _DATETIME_KEYS[rtype]:
         lines += fetch(keys, "    ")
-        lines += ["    if v is not None and not (type(v) is str and _match(v)):", "        return False"]
+        lines += ["    if v is not None and not (type(v) is str and (v in _valid or _valid_date(v))):",
+                  "        return False"]
     lines.append("    return True")
     return "\n".join(lines)
 
 
 def _fine_checks() -> dict[str, Callable[[dict[str, Any]], bool]]:
-    namespace: dict[str, Any] = {"_match": _DATETIME.match}
+    namespace: dict[str, Any] = {"_valid": _VALID_DATES, "_valid_date": _valid_date}
     for rtype in REQUIRED:
         exec(compile(_fine_source(rtype), "<fedlab.flatten.checks>", "exec"), namespace)  # noqa: S102
     return {rtype: namespace[f"_fine_{rtype}"] for rtype in REQUIRED}
+
+
+_VALID_DATES: set[str] = set()  # date-times that matched `_DATETIME` (they repeat across a site)
+
+
+def _valid_date(text: str) -> bool:
+    if _DATETIME.match(text) is None:
+        return False
+    if len(_VALID_DATES) >= 100_000:  # bounded
+        _VALID_DATES.clear()
+    _VALID_DATES.add(text)
+    return True
 
 
 def _present(resource: dict[str, Any], alternatives: list[list[str]]) -> bool:

@@ -58,17 +58,24 @@ class FlattenError(FedlabError, ValueError):
 
 def conform(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     """Exactly the contract's columns, in order, timestamps as UTC microseconds, nulls as None."""
-    frame = frame[schema.names].copy()
+    columns = {}
     for fld in schema:
+        column = frame[fld.name]
         if pa.types.is_timestamp(fld.type):
-            if str(frame[fld.name].dtype) != "datetime64[us, UTC]":  # else already what this gives
-                frame[fld.name] = pd.to_datetime(frame[fld.name], utc=True).astype("datetime64[us, UTC]")
+            if str(column.dtype) != "datetime64[us, UTC]":  # else already what this gives
+                column = pd.to_datetime(column, utc=True).astype("datetime64[us, UTC]")
         elif pa.types.is_floating(fld.type):
-            frame[fld.name] = pd.to_numeric(frame[fld.name], errors="coerce").astype("float64")
+            if column.dtype != "float64":
+                column = pd.to_numeric(column, errors="coerce").astype("float64")
         elif pa.types.is_string(fld.type):
-            column = frame[fld.name].astype("object")
-            frame[fld.name] = column.where(column.notna(), None)
-    return frame.reset_index(drop=True)
+            values = column.to_numpy(dtype=object)
+            nulls = pd.isna(values)
+            if nulls.any():
+                values = values.copy()
+                values[nulls] = None
+            column = values
+        columns[fld.name] = column.array if isinstance(column, pd.Series) else column
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(frame)))
 
 
 def empty_table(table: str) -> pd.DataFrame:

@@ -8,6 +8,7 @@ observations the unit harmonization (pint, per LOINC and unit); then `conform` t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -37,17 +38,69 @@ def ref_id(ref: Any) -> str | None:
     return parts[-1] or None
 
 
-def timestamps(series: pd.Series) -> pd.Series:
-    return pd.to_datetime(series, format="ISO8601", utc=True).astype("datetime64[us, UTC]")
+def timestamps(series: pd.Series | np.ndarray) -> pd.Series:
+    """FHIR dates and date-times as UTC timestamps (microseconds): what
+    `pd.to_datetime(series, format="ISO8601", utc=True)` gives, a date or a time without zone taken
+    as UTC. When every distinct text has a common shape (`YYYY-MM-DD`, or
+    `YYYY-MM-DDThh:mm:ss[.ffffff]` with a zone on all of them or on none, years 1678 to 2261), numpy
+    parses each once, several times faster; otherwise pandas parses the column as it is."""
+    values = np.asarray(series, dtype=object)
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    micros = _common_micros(uniques)
+    if micros is None:
+        parsed = pd.to_datetime(pd.Series(values, dtype=object), format="ISO8601", utc=True)
+        return parsed.astype("datetime64[us, UTC]")
+    result = np.where(codes >= 0, micros[codes] if len(micros) else 0, np.iinfo("int64").min)
+    return pd.Series(pd.DatetimeIndex(result.view("datetime64[us]")).tz_localize("UTC"))
 
 
-def as_text(series: pd.Series) -> pd.Series:
+_ISO_COMMON = re.compile(r"(\d{4})-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?)?")
+
+
+def _common_micros(texts: np.ndarray) -> np.ndarray | None:
+    """Microseconds since the epoch (UTC) of distinct texts of the common shapes, or None when one
+    is not (pandas then decides, mixed zones and errors included)."""
+    local, zones = [], []
+    for text in texts:
+        match = _ISO_COMMON.fullmatch(text) if type(text) is str else None
+        if match is None or not 1678 <= int(match[1]) <= 2261:
+            return None
+        zone = match[2]
+        local.append(text[:-len(zone)] if zone else text)
+        zones.append(zone)
+    if None in zones and any(zones):
+        return None
+    try:
+        parsed = np.array(local, dtype="datetime64[us]").view("int64")
+    except ValueError:  # e.g. February 30th: pandas words the error
+        return None
+    offsets = {zone: _offset_micros(zone) for zone in set(zones)}
+    return parsed - np.array([offsets[zone] for zone in zones], dtype="int64")
+
+
+def _offset_micros(zone: str | None) -> int:
+    if not zone or zone == "Z":
+        return 0
+    sign = -1 if zone[0] == "-" else 1
+    return sign * (int(zone[1:3]) * 60 + int(zone[4:6])) * 60_000_000
+
+
+def as_text(values: pd.Series | np.ndarray) -> np.ndarray:
     """Codes as strings (a JSON number in a code field becomes its text), nulls as None."""
-    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
-        series = series.astype("object")  # already text: only the nulls need normalizing
-        return series.where(series.notna(), None)
-    return series.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v),
-                      na_action=None).astype("object")
+    values = np.asarray(values, dtype=object)
+    if all(type(v) is str or v is None for v in values):
+        return values
+    return np.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values],
+                    dtype=object)
+
+
+def normalized(column: pd.Series) -> np.ndarray:
+    """A raw column as Python objects, every null (None, NaN, NaT) as None."""
+    values = column.to_numpy(dtype=object, copy=True)
+    nulls = pd.isna(values)
+    if nulls.any():
+        values[nulls] = None
+    return values
 
 
 def race_label(code: str | None) -> str:
@@ -58,15 +111,15 @@ def ethnicity_label(code: str | None) -> str:
     return ETHNICITY_OMB.get(code, "unknown") if code else "unknown"
 
 
-def condition_concepts(systems: pd.Series, codes: pd.Series) -> tuple[list[Any], list[str]]:
+def condition_concepts(systems: Any, codes: Any) -> tuple[list[Any], list[str]]:
     cmap = hz.condition_map()
     mapped = [cmap.lookup(s, c) for s, c in zip(systems, codes, strict=True)]
     return [m[0] for m in mapped], [m[1] for m in mapped]
 
 
-def drug_classes(rxnorm: pd.Series) -> pd.Series:
+def drug_classes(rxnorm: Any) -> list[Any]:
     meds = hz.medication_map()
-    return rxnorm.map(lambda code: meds.get(code) if code else None)
+    return [meds.get(code) if code else None for code in rxnorm]
 
 
 def component_row_id(observation_id: str, loinc: str | None, index: int) -> str:
@@ -74,55 +127,47 @@ def component_row_id(observation_id: str, loinc: str | None, index: int) -> str:
     return f"{observation_id}-{loinc if loinc else index}"
 
 
-def _patients(frame: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "patient_id": frame["patient_id"],
-        "birth_date": timestamps(frame["birth_date"]).dt.date,
-        "gender": frame["gender"],
-        "race": frame["race"].map(race_label, na_action=None),
-        "ethnicity": frame["ethnicity"].map(ethnicity_label, na_action=None),
-        "deceased": timestamps(frame["deceased"]),
-    })
+Columns = dict[str, Any]  # column name -> values (an object array, a list, a Series of timestamps)
 
 
-def _encounters(frame: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "encounter_id": frame["encounter_id"], "patient_id": frame["patient_id"],
-        "class_code": as_text(frame["class_code"]), "type_code": as_text(frame["type_code"]),
-        "start": timestamps(frame["start"]), "end": timestamps(frame["end"]),
-    })
+def _patients(raw: Columns) -> Columns:
+    return {"patient_id": raw["patient_id"], "birth_date": timestamps(raw["birth_date"]).dt.date,
+            "gender": raw["gender"], "race": [race_label(code) for code in raw["race"]],
+            "ethnicity": [ethnicity_label(code) for code in raw["ethnicity"]],
+            "deceased": timestamps(raw["deceased"])}
 
 
-def _conditions(frame: pd.DataFrame) -> pd.DataFrame:
-    codes = as_text(frame["code"])
-    concepts, flags = condition_concepts(frame["system"], codes)
-    return pd.DataFrame({
-        "condition_id": frame["condition_id"], "patient_id": frame["patient_id"],
-        "encounter_id": frame["encounter_id"], "system": frame["system"], "code": codes,
-        "onset": timestamps(frame["onset"]), "abatement": timestamps(frame["abatement"]),
-        "concept": concepts, "flag": flags,
-    })
+def _encounters(raw: Columns) -> Columns:
+    return {"encounter_id": raw["encounter_id"], "patient_id": raw["patient_id"],
+            "class_code": as_text(raw["class_code"]), "type_code": as_text(raw["type_code"]),
+            "start": timestamps(raw["start"]), "end": timestamps(raw["end"])}
 
 
-def _observations(frame: pd.DataFrame) -> pd.DataFrame:
-    out = frame[["observation_id", "patient_id", "encounter_id"]].copy()
-    out["effective"] = timestamps(frame["effective"])
-    out["loinc"] = as_text(frame["loinc"])
-    out["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
-    out["unit"] = as_text(frame["unit"])
-    return out
+def _conditions(raw: Columns) -> Columns:
+    codes = as_text(raw["code"])
+    concepts, flags = condition_concepts(raw["system"], codes)
+    return {"condition_id": raw["condition_id"], "patient_id": raw["patient_id"],
+            "encounter_id": raw["encounter_id"], "system": raw["system"], "code": codes,
+            "onset": timestamps(raw["onset"]), "abatement": timestamps(raw["abatement"]),
+            "concept": concepts, "flag": flags}
 
 
-def _medication_requests(frame: pd.DataFrame) -> pd.DataFrame:
-    rxnorm = as_text(frame["rxnorm"])
-    return pd.DataFrame({
-        "medication_request_id": frame["medication_request_id"], "patient_id": frame["patient_id"],
-        "encounter_id": frame["encounter_id"], "authored_on": timestamps(frame["authored_on"]),
-        "rxnorm": rxnorm, "status": frame["status"], "concept": drug_classes(rxnorm),
-    })
+def _observations(raw: Columns) -> Columns:
+    return {"observation_id": raw["observation_id"], "patient_id": raw["patient_id"],
+            "encounter_id": raw["encounter_id"], "effective": timestamps(raw["effective"]),
+            "loinc": as_text(raw["loinc"]),
+            "value": pd.to_numeric(pd.Series(raw["value"], dtype=object), errors="coerce").astype("float64"),
+            "unit": as_text(raw["unit"])}
 
 
-DERIVE: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
+def _medication_requests(raw: Columns) -> Columns:
+    rxnorm = as_text(raw["rxnorm"])
+    return {"medication_request_id": raw["medication_request_id"], "patient_id": raw["patient_id"],
+            "encounter_id": raw["encounter_id"], "authored_on": timestamps(raw["authored_on"]),
+            "rxnorm": rxnorm, "status": raw["status"], "concept": drug_classes(rxnorm)}
+
+
+DERIVE: dict[str, Callable[[Columns], Columns]] = {
     "Patient": _patients, "Encounter": _encounters, "Condition": _conditions, "Observation": _observations,
     "MedicationRequest": _medication_requests}
 
@@ -130,43 +175,57 @@ DERIVE: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
 def derive_tables(frames: dict[str, pd.DataFrame | None]) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, int]]]:
     """The five tables (conformed to their schemas) from an engine's raw frames by resource type,
     and the units seen per observation concept."""
-    tables = {}
+    tables, units = {}, {}
     for rtype, table in TABLE_OF_TYPE.items():
         frame = frames.get(rtype)
         if frame is None or not len(frame):
-            tables[table] = empty_table(table)
+            empty = empty_table(table)
+            if table == "observation":
+                empty, units = harmonize_observations(empty)
+            tables[table] = conform(empty, SCHEMAS[table])
             continue
         missing = [column for column in RAW_COLUMNS[rtype] if column not in frame]
         if missing:
             raise FlattenError(f"the flatten engine gave {rtype} rows without the column(s) {missing} "
                                f"(an engine gives the columns {RAW_COLUMNS[rtype]})")
-        frame = frame[RAW_COLUMNS[rtype]]
-        tables[table] = DERIVE[rtype](frame.astype("object").where(frame.notna(), None))
-    tables["observation"], units = harmonize_observations(tables["observation"])
-    return {name: conform(frame, SCHEMAS[name]) for name, frame in tables.items()}, units
+        columns = DERIVE[rtype]({name: normalized(frame[name]) for name in RAW_COLUMNS[rtype]})
+        if table == "observation":
+            columns, units = _harmonized(columns)
+        # Each derivation gives its schema's types, nulls as None: the table is already conformed.
+        tables[table] = pd.DataFrame({name: _unindexed(columns[name]) for name in SCHEMAS[table].names},
+                                     index=pd.RangeIndex(len(frame)))
+    return tables, units
+
+
+def _unindexed(values: Any) -> Any:
+    return values.array if isinstance(values, pd.Series) else values
 
 
 def harmonize_observations(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict[str, int]]]:
-    """Add concept, value_canonical, unit_canonical and flag; convert with pint per (LOINC, unit).
+    """Add concept, value_canonical, unit_canonical and flag; convert with pint per (LOINC, unit)."""
+    columns, units = _harmonized({name: obs[name].to_numpy(dtype=object) if obs[name].dtype == object
+                                  else obs[name] for name in obs.columns})
+    return pd.DataFrame({name: _unindexed(values) for name, values in columns.items()}, index=obs.index), units
 
-    The concept columns come from dict lookups over the whole column; each (LOINC, unit) group is
-    then converted as one array, so pint runs once per group, not once per value."""
+
+def _harmonized(columns: Columns) -> tuple[Columns, dict[str, dict[str, int]]]:
+    """The observation columns with concept, unit_canonical, value_canonical and flag added, and the
+    units seen per concept. Concepts come from dict lookups; each (LOINC, unit) group is converted as
+    one array, so pint runs once per group, not once per value."""
     concepts = hz.observation_map().concepts
-    obs = obs.copy()
-    concept = obs["loinc"].map({code: lab.concept for code, lab in concepts.items()}).astype("object")
-    obs["concept"] = concept.where(concept.notna(), None)
-    canonical = obs["loinc"].map({code: lab.unit_canonical for code, lab in concepts.items()}).astype("object")
-    obs["unit_canonical"] = canonical.where(canonical.notna(), None)
-    value_canonical = np.full(len(obs), np.nan)
-    flag = np.full(len(obs), "unknown_code", dtype=object)
-    values = obs["value"].to_numpy(dtype="float64")
+    loinc = columns["loinc"]
+    labs = [concepts.get(code) if code is not None else None for code in loinc]
+    values = np.asarray(columns["value"], dtype="float64")
+    value_canonical = np.full(len(labs), np.nan)
+    flag = np.full(len(labs), "unknown_code", dtype=object)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for position, (lab, code, unit) in enumerate(zip(labs, loinc, columns["unit"], strict=True)):
+        if lab is not None:
+            groups.setdefault((code, unit if unit is not None else ""), []).append(position)
     units_seen: dict[str, dict[str, int]] = {}
-    known = np.flatnonzero(concept.notna().to_numpy())
-    keys = pd.DataFrame({"loinc": obs["loinc"].to_numpy()[known],
-                         "unit": obs["unit"].fillna("").to_numpy()[known]})
-    for (loinc, unit), members in sorted(keys.groupby(["loinc", "unit"], sort=True).indices.items()):
-        positions = known[members]
-        lab = concepts[loinc]
+    for (code, unit), members in sorted(groups.items()):
+        positions = np.array(members, dtype="int64")
+        lab = concepts[code]
         seen = units_seen.setdefault(lab.concept, {})
         seen[unit or "(none)"] = seen.get(unit or "(none)", 0) + len(positions)
         if unit == lab.unit_canonical:
@@ -180,6 +239,6 @@ def harmonize_observations(obs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, d
             flag[positions] = "converted"
         except ValueError:
             flag[positions] = "unknown_unit"
-    obs["value_canonical"] = value_canonical
-    obs["flag"] = flag
-    return obs, units_seen
+    return {**columns, "concept": np.array([lab.concept if lab is not None else None for lab in labs], dtype=object),
+            "unit_canonical": np.array([lab.unit_canonical if lab is not None else None for lab in labs], dtype=object),
+            "value_canonical": value_canonical, "flag": flag}, units_seen

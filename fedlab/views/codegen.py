@@ -27,7 +27,7 @@ from fedlab.views.fhirpath import (
     parse,
     where,
 )
-from fedlab.views.functions import reference_key, resource_key
+from fedlab.views.functions import SIMPLE_REFERENCES, reference_key, resource_key
 
 TERMINALS = ("first", "last", "exists", "empty", "getResourceKey", "getReferenceKey")
 TESTS = {"exists": "bool({o})", "empty": "not {o}"}
@@ -136,7 +136,7 @@ class Emitter:
     def __init__(self) -> None:
         self.namespace: dict[str, Any] = {"_Undecided": NeedsFullEngine, "_Generic": Generic,
                                           "_has_variant": has_variant, "_resource_key": resource_key,
-                                          "_reference_key": reference_key}
+                                          "_reference_key": reference_key, "_simple_references": SIMPLE_REFERENCES}
         self.lines: list[str] = []
         self.count = 0
 
@@ -182,32 +182,47 @@ class PathSource:
     def result(self, out: Emitter, found: str, target: str, indent: str) -> None:
         """Lines that set `target` to the path's value from the chain's values `found`."""
         kind = self.terminal
-        if kind in ("getResourceKey", "getReferenceKey"):
-            call = "_resource_key(_i)" if kind == "getResourceKey" else f"_reference_key(_i, {self.wanted!r})"
-            out.lines += [f"{indent}{target} = []", f"{indent}for _i in {found}:", f"{indent}    {target} += {call}"]
+        if kind == "getResourceKey":  # `resource_key`, inlined for a dict
+            out.lines += [f"{indent}{target} = []", f"{indent}for _i in {found}:",
+                          f"{indent}    if type(_i) is not dict:",
+                          f"{indent}        {target} += _resource_key(_i)",
+                          f"{indent}    elif 'resourceType' in _i and _i.get('id') is not None:",
+                          f"{indent}        {target}.append(_i['id'])"]
+            return
+        if kind == "getReferenceKey":  # `reference_key`, inlined for a typed reference it has seen before
+            accept = "True" if self.wanted is None else f"_s[0] == {self.wanted!r}"
+            out.lines += [f"{indent}{target} = []", f"{indent}for _i in {found}:",
+                          f"{indent}    _t = _i.get('reference') if type(_i) is dict else None",
+                          f"{indent}    _s = _simple_references.get(_t) if type(_t) is str else None",
+                          f"{indent}    if _s is not None and _s[0] is not None:",
+                          f"{indent}        if {accept}:",
+                          f"{indent}            {target}.append(_s[1])",
+                          f"{indent}    else:",
+                          f"{indent}        {target} += _reference_key(_i, {self.wanted!r})"]
             return
         expression = {None: "{o}", "first": "{o}[:1]", "last": "{o}[-1:]", "exists": "[bool({o})]",
                       "empty": "[not {o}]"}[kind]
         out.lines.append(f"{indent}{target} = {expression.format(o=found)}")
 
     def inline(self, out: Emitter, var: str, target: str, fallback: str, indent: str,
-               test: bool = False, known: dict[tuple, str] | None = None) -> None:
+               test: bool = False, known: dict[tuple, str] | None = None, as_bool: bool = False) -> None:
         """Lines that set `target` to the path's value of `var` (with `test`: the where() result of an
-        exists()/empty() path), calling `fallback(var)` when the node needs the steps.
+        exists()/empty() path; with `as_bool` too: whether it is True), calling `fallback(var)` when
+        the node needs the steps.
 
         `known` maps (chain, item) to the list that already holds the chain's values of that item in
         the code before (None after a fallback); the chain is then not walked again."""
         key = (self.signature, var)
         found = known.get(key) if known is not None else None
+        call = f"{fallback}({var}) is True" if as_bool else f"{fallback}({var})"
         if found is not None:
-            out.lines += [f"{indent}if {found} is None:", f"{indent}    {target} = {fallback}({var})",
-                          f"{indent}else:"]
+            out.lines += [f"{indent}if {found} is None:", f"{indent}    {target} = {call}", f"{indent}else:"]
         else:
             found = out.name("_o")
             out.lines += [f"{indent}{found} = []", f"{indent}try:"]
             self.body(out, var, found, indent + "    ")
             out.lines += [f"{indent}except _Generic:", f"{indent}    {found} = None",
-                          f"{indent}    {target} = {fallback}({var})", f"{indent}else:"]
+                          f"{indent}    {target} = {call}", f"{indent}else:"]
             if known is not None:
                 known[key] = found
         if test:

@@ -32,13 +32,13 @@ def reference_key(reference: Any, wanted_type: str | None) -> list[Any]:
     if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
         return []
     text = reference["reference"]
-    simple = _SIMPLE_REFERENCES.get(text)
+    simple = SIMPLE_REFERENCES.get(text)
     if simple is None:
         simple = _simple_reference(text)
         if simple is not None:
-            if len(_SIMPLE_REFERENCES) >= 200_000:  # bounded: a site's patients and encounters fit
-                _SIMPLE_REFERENCES.clear()
-            _SIMPLE_REFERENCES[text] = simple
+            if len(SIMPLE_REFERENCES) >= 200_000:  # bounded: a site's patients and encounters fit
+                SIMPLE_REFERENCES.clear()
+            SIMPLE_REFERENCES[text] = simple
     declared_type = reference.get("type")
     if simple is not None:
         ref_type, key = simple
@@ -59,7 +59,8 @@ def reference_key(reference: Any, wanted_type: str | None) -> list[Any]:
     return [key]
 
 
-_SIMPLE_REFERENCES: dict[str, tuple[str | None, str]] = {}
+# Reference text -> (type or None, id), for the simple forms (`Type/id`, `urn:uuid:id`) met so far.
+SIMPLE_REFERENCES: dict[str, tuple[str | None, str]] = {}
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-."
 
 

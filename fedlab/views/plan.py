@@ -11,6 +11,7 @@ the subset cannot decide alone (`NeedsFullEngine`: it is evaluated with fhirpath
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,8 +124,7 @@ class PlanCode:
             self.out.lines.append(f"{indent}{held} = {self.out.bind(guard, '_guard')}({item}) is True")
         else:
             fallback = self.out.bind(guard.fallback, "_holds")  # type: ignore[attr-defined]
-            source.inline(self.out, item, held, fallback, indent, test=True, known=self.known)
-            self.out.lines.append(f"{indent}{held} = {held} is True")
+            source.inline(self.out, item, held, fallback, indent, test=True, known=self.known, as_bool=True)
         return held
 
     def guarded(self, guards: list[Callable[[Any], bool | None]], item: str, indent: str,
@@ -275,13 +275,7 @@ class ViewRows:
         self.columns = list(self.reference.columns)
         self.resource_type = self.reference.resource
         self.fallbacks = 0
-        try:
-            if view.get("where") or view.get("constant"):
-                raise Unsupported("where/constant")
-            self.plan: SelectPlan | None = plan_select({"select": view["select"]})
-        except Unsupported:
-            self.plan = None
-        self._plan_rows = PlanCode().build(self.plan) if self.plan is not None else None
+        self.plan, self._plan_rows = _compiled_plan(view)
 
     def rows(self, resource: dict[str, Any]) -> list[tuple]:
         if self.plan is not None and resource.get("resourceType") == self.resource_type:
@@ -290,3 +284,23 @@ class ViewRows:
             except NeedsFullEngine:
                 self.fallbacks += 1
         return [tuple(row[c] for c in self.columns) for row in rows_for_resource(self.reference, resource)]
+
+
+_PLANS: dict[str, tuple[SelectPlan | None, Callable[[Any], list[tuple]] | None]] = {}
+
+
+def _compiled_plan(view: dict[str, Any]) -> tuple[SelectPlan | None, Callable[[Any], list[tuple]] | None]:
+    """A view's plan and its generated function, built once per process (generating and compiling
+    the code costs more than flattening a small site)."""
+    key = json.dumps(view, sort_keys=True)
+    if key not in _PLANS:
+        try:
+            if view.get("where") or view.get("constant"):
+                raise Unsupported("where/constant")
+            plan: SelectPlan | None = plan_select({"select": view["select"]})
+        except Unsupported:
+            plan = None
+        if len(_PLANS) >= 64:  # bounded: the suite runner compiles many one-off views
+            _PLANS.clear()
+        _PLANS[key] = (plan, PlanCode().build(plan) if plan is not None else None)
+    return _PLANS[key]

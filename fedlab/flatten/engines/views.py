@@ -18,6 +18,7 @@ from fedlab.flatten.contract import TABLE_OF_TYPE
 from fedlab.flatten.derive import component_row_id
 from fedlab.flatten.engines import RowEngine
 from fedlab.views import load_definitions
+from fedlab.views.fhirpath import NeedsFullEngine
 from fedlab.views.plan import ViewRows
 
 
@@ -46,14 +47,32 @@ class ViewsEngine(RowEngine):
     def columns(self, rtype: str) -> list[str]:
         return self.view(rtype).columns
 
+    def row_function(self, rtype: str) -> Callable[[dict[str, Any]], list[tuple]]:
+        """`rows_of` for one type, calling the view's generated function directly."""
+        view = self.view(rtype)
+        plan_rows = view._plan_rows
+        if plan_rows is None or view.resource_type != rtype:
+            return functools.partial(self.rows_of, rtype)
+        split = rtype == "Observation"
+
+        def rows(resource: dict[str, Any]) -> list[tuple]:
+            try:
+                found = plan_rows(resource)
+            except NeedsFullEngine:
+                found = view.rows(resource)  # counts the fallback; the reference runner decides
+            return self._component_ids(found) if split and resource.get("component") else found
+
+        return rows
+
     def rows_of(self, rtype: str, resource: dict[str, Any]) -> list[tuple]:
         view = self.views.get(rtype) or self.view(rtype)
         rows = view.rows(resource)
-        if rtype == "Observation" and resource.get("component"):
-            # The view gives one row per component; each needs its own id in the table.
-            rows = [row[:self._obs_id] + (component_row_id(row[self._obs_id], row[self._obs_loinc], index),)
-                    + row[self._obs_id + 1:] for index, row in enumerate(rows)]
-        return rows
+        return self._component_ids(rows) if rtype == "Observation" and resource.get("component") else rows
+
+    def _component_ids(self, rows: list[tuple]) -> list[tuple]:
+        """The view gives one row per component of an Observation; each needs its own id in the table."""
+        return [row[:self._obs_id] + (component_row_id(row[self._obs_id], row[self._obs_loinc], index),)
+                + row[self._obs_id + 1:] for index, row in enumerate(rows)]
 
     @property
     def fallbacks(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pandas as pd
 
 from fedlab.flatten.checks import check_resource
 from fedlab.flatten.derive import derive_tables
-from fedlab.flatten.engines import Engine, engine_class
+from fedlab.flatten.engines import Engine, RowEngine, engine_class
 from fedlab.flatten.ledger import FlattenResult, Ledger
 from fedlab.flatten.readers import Source, bundle_sources, items, ndjson_sources
 from fedlab.flatten.runners import Runner, Written
@@ -29,17 +29,37 @@ class LocalRunner(Runner):
 def flatten_sources(sources: list[Source], engine: str | type[Engine] = "views") -> FlattenResult:
     """Check every line or entry, flatten the admitted resources with `engine`, derive and harmonize."""
     flattener = (engine_class(engine) if isinstance(engine, str) else engine)()
+    add = _adder(flattener)
     ledger = Ledger()
+    admit = ledger.admit
     with no_cyclic_gc():
         for source in sources:
-            stats = ledger.open(source)
+            stats, expected = ledger.open(source), source.expected_type
             for lineno, resource, error in items(source):
-                reason = error or check_resource(resource, source.expected_type)
-                rtype = resource.get("resourceType") if isinstance(resource, dict) else None
-                rid = resource.get("id") if reason is None else None
-                if ledger.admit(stats, lineno, reason, rtype, rid):
-                    flattener.add(rtype, resource)  # type: ignore[arg-type]
-    return finish(flattener, ledger)
+                reason = error or check_resource(resource, expected)
+                if reason is None:
+                    rtype = resource["resourceType"]
+                    if admit(stats, lineno, None, rtype, resource.get("id")):
+                        add(rtype, resource)
+                else:
+                    admit(stats, lineno, reason, None, None)
+        return finish(flattener, ledger)
+
+
+def _adder(engine: Engine) -> Callable[[str, dict[str, Any]], None]:
+    """`engine.add`; for a RowEngine, its rows appended straight to the engine's lists."""
+    if not isinstance(engine, RowEngine):
+        return engine.add
+    functions: dict[str, Callable[[dict[str, Any]], list[tuple]]] = {}
+
+    def add(rtype: str, resource: dict[str, Any]) -> None:
+        rows_of = functions.get(rtype)
+        if rows_of is None:
+            rows_of = functions[rtype] = engine.row_function(rtype)
+            engine.rows.setdefault(rtype, [])
+        engine.rows[rtype] += rows_of(resource)
+
+    return add
 
 
 def finish(engine: Engine, ledger: Ledger) -> FlattenResult:

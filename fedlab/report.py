@@ -365,8 +365,9 @@ def _auroc_bars(plt: Any, table: dict, test_sites: list[str]) -> Any:
             cell = table.get(key)
             has_ci = bool(cell) and not np.isnan(cell["ci_low"])
             means.append(cell["mean"] if cell else np.nan)
-            below.append(cell["mean"] - cell["ci_low"] if has_ci else 0)
-            above.append(cell["ci_high"] - cell["mean"] if has_ci else 0)
+            # a percentile bootstrap interval need not contain the mean of the seeds' values
+            below.append(max(0.0, cell["mean"] - cell["ci_low"]) if has_ci else 0)
+            above.append(max(0.0, cell["ci_high"] - cell["mean"]) if has_ci else 0)
         xs = np.arange(len(test_sites)) + i * width
         ax.bar(xs, means, width, yerr=[below, above], capsize=2,
                label=f"{method}" + (" (own site)" if method == "local" else ""))

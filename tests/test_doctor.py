@@ -22,3 +22,24 @@ def test_real_checks_pass_on_this_machine() -> None:
     assert check_python().startswith("3.11")
     assert "17" in check_java()
     assert check_kernel()
+
+
+def test_doctor_prints_no_known_harmless_noise(tmp_path) -> None:
+    """A CPU-only run prints neither TensorFlow's CUDA/TensorRT lines nor Spark's start-up
+    warnings: they go to the log folder."""
+    import os
+    import subprocess
+    import sys
+
+    from fedlab.logs import is_harmless
+
+    out, err = tmp_path / "out", tmp_path / "err"
+    env = {**os.environ, "FEDLAB_LOG_DIR": str(tmp_path / "logs")}
+    with out.open("w") as stdout, err.open("w") as stderr:  # files, not pipes: TFF's worker holds them
+        done = subprocess.run([sys.executable, "-m", "fedlab.cli", "doctor"], stdout=stdout, stderr=stderr,
+                              stdin=subprocess.DEVNULL, env=env, timeout=600)
+    printed = out.read_text() + err.read_text()
+    assert done.returncode == 0, printed
+    assert not [line for line in printed.splitlines() if is_harmless(line)], printed
+    logged = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
+    assert "Unable to register cuDNN factory" in logged and "NativeCodeLoader" in logged

@@ -40,7 +40,7 @@ def test_every_notebook_runs_with_one_to_twelve_sites(n_sites: int, tmp_path: Pa
     executed = report / "notebooks"
     assert all((executed / name).is_file() for name in PIPELINE_NOTEBOOKS)
     for name in ("01_synthea_generation.ipynb", "04_spark_features.ipynb"):
-        assert _images(executed / name) >= 2, name
+        assert _images(executed / name) >= 1, name
     quickstart = executed / "00_quickstart.ipynb"
     run_notebook(ROOT / "notebooks" / "00_quickstart.ipynb", quickstart,
                  {"config": str(config), "run": "", "force": False, "overrides": []}, ROOT / "notebooks",

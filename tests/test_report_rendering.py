@@ -99,3 +99,10 @@ def test_epsilon_tick_labels_do_not_overlap() -> None:
     assert len(boxes) >= 2
     assert all(left.x1 <= right.x0 for left, right in zip(boxes, boxes[1:], strict=False))
     plt.close(fig)
+
+
+def test_auroc_bars_accept_an_interval_that_misses_the_mean() -> None:
+    table = {("fedavg", "a+b", "a"): {"mean": 0.70, "ci_low": 0.72, "ci_high": 0.90, "n": 1},
+             ("local", "a", "a"): {"mean": 0.60, "ci_low": 0.40, "ci_high": 0.58, "n": 1}}
+    fig = _auroc_bars(plt, table, ["a", "pooled"])
+    plt.close(fig)

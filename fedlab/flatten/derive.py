@@ -2,8 +2,9 @@
 
 Per table: FHIR dates and times parsed to UTC timestamps, codes as text, OMB race and ethnicity
 labels, condition concepts and flags (`fedlab/harmonization/conditions.csv`), drug classes; for
-observations the unit harmonization (pint, per LOINC and unit); then `conform` to the Arrow schema.
-`derive_tables` does it all for one site (or one chunk of it).
+observations the unit harmonization (pint, per LOINC and unit). `derive_tables` does it all for one
+site (or one chunk of it) and builds each table once, its columns in schema order with the schema's
+types and every null as None (what `contract.conform` would make of it).
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ with `fedlab.synthea.generate`, then measures in one run:
   `--anchor-bundles` per-patient bundles, which hold every resource type).
 
 Rates are table rows per second (fhiry: rows of its DataFrame, one per resource), all measured, nothing
-extrapolated. Prints one JSON object with a `comparisons` list and writes `reports/bench/flatten.json`.
+extrapolated. Beside them, the cost of flattening against the cost of parsing alone: the views engine
+over every NDJSON file of the quickstart's largest site (`configs/quickstart.yaml`, site `general`,
+generated when missing), as a multiple of the time `orjson.loads` takes to parse the same lines (goal:
+3x or less). Prints one JSON object with a `comparisons` list and writes `reports/bench/flatten.json`.
 
     python benchmarks/bench_flatten.py [--patients 1000] [--anchor-lines 1000] [--anchor-bundle-lines 10000]
         [--repeat 3]
@@ -30,8 +33,11 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,6 +117,48 @@ def observation_bundles(path: Path, lines: int, workdir: Path) -> list[Path]:
     return paths
 
 
+def quickstart_site() -> Path:
+    """The quickstart's largest site (`general`), generated as `fedlab generate` would."""
+    from fedlab.config import load_experiment
+    from fedlab.synthea import generate
+
+    exp = load_experiment(ROOT / "configs" / "quickstart.yaml")
+    return generate(exp, None, sites=["general"], progress=False)["general"]  # skipped when already complete
+
+
+def timed(work: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def orjson_parse(paths: list[Path]) -> int:
+    count = 0
+    for path in paths:
+        with path.open("rb") as handle:
+            for line in handle:
+                orjson.loads(line)
+                count += 1
+    return count
+
+
+def parse_ratio(paths: list[Path], repeat: int) -> dict[str, Any]:
+    """Flattening (views engine) vs parsing alone, on the same lines: best of `repeat` interleaved runs."""
+    lines = orjson_parse(paths)
+    runs: dict[str, list[tuple[float, float]]] = {"orjson": [], "flatten": []}
+    for _ in range(repeat):
+        runs["orjson"].append(timed(lambda: orjson_parse(paths)))
+        runs["flatten"].append(timed(lambda: flatten_ndjson(paths, engine="views")))
+    best = {name: (min(w for w, _ in values), min(c for _, c in values)) for name, values in runs.items()}
+    return {"lines": lines, "files": [p.name for p in paths],
+            "orjson_seconds": round(best["orjson"][0], 4), "flatten_seconds": round(best["flatten"][0], 4),
+            "ratio": round(best["flatten"][0] / best["orjson"][0], 2),
+            "cpu": {"orjson_seconds": round(best["orjson"][1], 4), "flatten_seconds": round(best["flatten"][1], 4),
+                    "ratio": round(best["flatten"][1] / best["orjson"][1], 2)},
+            "runs": {name: [round(w, 4) for w, _ in values] for name, values in runs.items()}}
+
+
 def comparison(name: str, value: dict[str, Any], goal: float, anchor: str, anchor_value: dict[str, Any]) -> dict:
     return {"name": name, "value": round(value["rows_per_s"], 1), "unit": "rows/s", "goal": f"ratio >= {goal:g}",
             "anchor": anchor, "anchor_value": round(anchor_value["rows_per_s"], 2),
@@ -140,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, measure in measures.items():
                 runs[name].append(measure())
     views, fhiry_engine, ndjson_anchor, bundle_anchor = (best(runs[name]) for name in measures)
+    quickstart = sorted((quickstart_site() / "bulk").glob("*.ndjson"))
+    parsing = parse_ratio(quickstart, args.repeat)
     site_bundles = fhiry_bundle_rate(sorted((folder / "fhir").glob("*.json"))[:args.anchor_bundles])
     ndjson_name = (f"fhiry.Fhirndjson.process_file, first {ndjson_anchor['lines']} lines of the same file "
                    "(a prefix: its reader is quadratic, so the full file would give it a lower rate)")
@@ -152,10 +202,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             comparison("flatten_views_vs_fhiry_bundles", views, 5, bundle_name, bundle_anchor),
             comparison("flatten_fhiry_vs_fhirndjson", fhiry_engine, 20, ndjson_name, ndjson_anchor),
             comparison("flatten_fhiry_vs_fhiry_bundles", fhiry_engine, 5, bundle_name, bundle_anchor),
+            {"name": "flatten_views_vs_orjson_parse", "value": parsing["flatten_seconds"], "unit": "s",
+             "goal": "ratio <= 3", "anchor": f"orjson.loads of the same {parsing['lines']} lines "
+                                             "(the quickstart's largest site, every NDJSON file)",
+             "anchor_value": parsing["orjson_seconds"], "ratio": parsing["ratio"], "met": parsing["ratio"] <= 3},
         ],
         "details": {"site": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
                     "patients": args.patients, "views": views, "fhiry": fhiry_engine,
-                    "fhirndjson": ndjson_anchor, "fhiry_bundles": bundle_anchor,
+                    "fhirndjson": ndjson_anchor, "fhiry_bundles": bundle_anchor, "parse_ratio": parsing,
                     "fhiry_site_bundles": {**site_bundles, "what": "fhiry.Fhiry().process_file over the first "
                                            f"{site_bundles['bundles']} per-patient bundles of the site "
                                            "(all resource types; for reference, not a goal anchor)"},

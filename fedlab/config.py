@@ -94,13 +94,16 @@ class ExportConfig(_Strict):
 
 
 class FlattenConfig(_Strict):
-    # views: fedlab's SQL-on-FHIR ViewDefinitions (fast, R4 and R5); fhiry: fhiry's DataFrame path.
-    engine: Literal["views", "fhiry"] = "views"
-    # Where the views engine runs: "pandas" in this process; "spark": executors of the session from
-    # `spark:` parse and flatten, the driver collects the rows (files identical to pandas');
-    # "spark-distributed": rows stay on the executors and tables are written as Parquet datasets
-    # (folders), so a cluster can flatten what one machine cannot. fhiry always runs in pandas.
-    runner: Literal["pandas", "spark", "spark-distributed"] = "pandas"
+    # A name in `fedlab.flatten.engines.ENGINES` (checked by `experiment_from_dict`): views, fedlab's
+    # SQL-on-FHIR ViewDefinitions (fast, R4 and R5); fhiry, fhiry's DataFrame path; or your own engine
+    # as `path/to/file.py:Name` (relative to the project root) or `package.module:Name`.
+    engine: str = "views"
+    # Where the engine runs, a name in `fedlab.flatten.runners.RUNNERS`: "pandas" in this process;
+    # "spark": executors of the session from `spark:` parse and flatten, the driver collects the rows
+    # (files identical to pandas'); "spark-distributed": rows stay on the executors and tables are
+    # written as Parquet datasets (folders), so a cluster can flatten what one machine cannot. The
+    # Spark runners run the views engine (a RowEngine); fhiry always runs in pandas.
+    runner: str = "pandas"
 
 
 class TaskConfig(_Strict):
@@ -307,7 +310,22 @@ def experiment_from_dict(data: dict[str, Any], source: str = "<dict>", root: Pat
         exp = Experiment.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
-    return exp.model_copy(update={"root": root or Path.cwd(), "source": Path(source) if source != "<dict>" else None})
+    exp = exp.model_copy(update={"root": root or Path.cwd(), "source": Path(source) if source != "<dict>" else None})
+    _check_registered(exp, source)
+    return exp
+
+
+def _check_registered(exp: Experiment, source: str) -> None:
+    """Names the registries resolve (engines, runners): a built-in name, or a user's `module:Name`
+    or `file.py:Name` (loaded here, relative to the project root)."""
+    from fedlab.flatten.engines import ENGINES
+    from fedlab.flatten.runners import RUNNERS
+
+    problems = [f"  {key}: {problem}" for key, registry, value in (
+        ("flatten.engine", ENGINES, exp.flatten.engine), ("flatten.runner", RUNNERS, exp.flatten.runner))
+        if (problem := registry.problem(value, exp.root))]
+    if problems:
+        raise ConfigError("\n".join([f"{source}: invalid configuration", *problems]))
 
 
 def load_experiment(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Experiment:

@@ -57,7 +57,7 @@ def site_done(folder: Path) -> bool:
 STAGES: tuple[Stage, ...] = (
     Stage("generate", "01_synthea_generation.ipynb", ("seed", "sites", "generate"), ("synthea",), "synthea"),
     Stage("export", "02_bulk_export_smart.ipynb", ("export",), ("fhir",), "export"),
-    Stage("flatten", "03_fhiry_flattening.ipynb", ("flatten",), ("flatten.py", "harmonization", "views"), "tables"),
+    Stage("flatten", "03_fhiry_flattening.ipynb", ("flatten",), ("flatten", "harmonization", "views", "registry.py"), "tables"),
     Stage("features", "04_spark_features.ipynb", ("seed", "task"), ("features.py", "spark.py"), "features"),
     Stage("train", "05_federated_training.ipynb", ("seed", "train"), ("federated", "tffctx.py"),
           result="results.json"),

@@ -8,71 +8,36 @@ With `exp.export.deidentify`, the *server* de-identifies (HIPAA Safe Harbor) eve
 serves it, so identifiable data never leaves the hospital; the site's pseudonym/date-shift secret
 lives in `data/export/<run>/_site_secrets/<site>/` (standing in for the hospital's own vault) and
 never travels with the export. Each site server's audit log is appended to
-`data/export/<run>/_audit/<site>.jsonl`.
+`data/export/<run>/_audit/<site>.jsonl`. These paths and policies are `fedlab.fhir.site`'s.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from fedlab.config import Experiment
-from fedlab.errors import FedlabError
 from fedlab.fhir.bulk import BulkDataClient, ExportResult
-from fedlab.fhir.deid import DeidPolicy
 from fedlab.fhir.server import SiteServer
-from fedlab.fhir.smart import ClientKey, ClientRegistry
-from fedlab.io import atomic_open, is_complete, mark_complete, read_json, staging_dir, write_json
+from fedlab.fhir.site import (
+    KEY_ALGORITHM,
+    ExportStageError,
+    audit_log_path,
+    node_client_id,
+    node_credentials,
+    site_bulk_dir,
+    site_deid_policy,
+)
+from fedlab.fhir.smart import ClientRegistry
+from fedlab.io import is_complete, mark_complete, read_json, staging_dir, write_json
 from fedlab.stages import record_written
 
-KEY_ALGORITHM = "ES384"
-
-
-class ExportStageError(FedlabError):
-    """A site cannot be exported; the message names the site and what to do."""
-
-
-def site_bulk_dir(exp: Experiment, run: str | None, site: str) -> Path:
-    """The generated `bulk/` folder of a site, checked to be complete and non-empty."""
-    exp.site(site)
-    site_dir = exp.data_path("synthea", run, site)
-    bulk = site_dir / "bulk"
-    if not is_complete(site_dir) or not bulk.is_dir() or not any(bulk.glob("*.ndjson")):
-        raise ExportStageError(f"site {site!r}: generated data missing or incomplete at {site_dir} "
-                               f"(needs bulk/*.ndjson and _SUCCESS.json); run `fedlab generate` first")
-    return bulk
-
-
-def node_client_id(site: str) -> str:
-    return f"fedlab-node-{site}"
-
-
-def node_credentials(exp: Experiment, run: str | None, site: str) -> tuple[str, ClientKey]:
-    """The site node's client id and key pair, created once under `data/export/<run>/_keys/<site>/`."""
-    key = ClientKey.load_or_create(exp.data_path("export", run) / "_keys" / site, alg=KEY_ALGORITHM)
-    return node_client_id(site), key
-
-
-def site_deid_policy(exp: Experiment, run: str | None, site: str, date_mode: str = "year",
-                     shift_seed: int | None = None) -> DeidPolicy:
-    """The site's de-identification policy; its secret is created once and kept on the hospital side."""
-    path = exp.data_path("export", run) / "_site_secrets" / site / "deid_secret"
-    if not path.is_file():
-        with atomic_open(path, "w") as handle:  # mkstemp files are 0600
-            handle.write(secrets.token_hex(32))
-    secret = path.read_text().strip()
-    if not secret:
-        raise ExportStageError(f"site {site!r}: empty de-identification secret at {path}; delete it to make a new one")
-    seed = exp.seed if shift_seed is None else shift_seed
-    return DeidPolicy(secret, date_mode=date_mode, shift_seed=seed)  # type: ignore[arg-type]
-
-
-def audit_log_path(exp: Experiment, run: str | None, site: str) -> Path:
-    return exp.data_path("export", run) / "_audit" / f"{site}.jsonl"
-
+# The site's paths and policies live in `fedlab.fhir.site` (the server uses them too); they are
+# part of this stage's API as well.
+__all__ = ["KEY_ALGORITHM", "ExportStageError", "audit_log_path", "export", "export_site", "node_client_id",
+           "node_credentials", "site_bulk_dir", "site_deid_policy"]
 
 def export(exp: Experiment, run: str | None = None, sites: list[str] | None = None, force: bool = False,
            progress: bool = True, deid_date_mode: str | None = None) -> dict[str, Path]:

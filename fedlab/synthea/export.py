@@ -3,6 +3,9 @@
 Bundle mode: a `transaction` Bundle per patient, `fullUrl: urn:uuid:<id>`, `request {POST, Type}`,
 patient-local references as `urn:uuid:<id>`, providers as Synthea's conditional references.
 Bulk mode: the same resources one per line, every reference rewritten to `Type/id`.
+
+Why one module: it is one mapping (a `Life` to Synthea's R4 shape), resource by resource in the
+order Synthea's own exporter writes them, sharing its id, reference and coding rules.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ The model (all per person, yearly time steps, encounters at exact dates):
   antihypertensives lower blood pressure.
 
 Nothing here knows FHIR: `export.py` turns a `Life` into resources.
+
+Why one module: it is one causal simulation. The equations above share one person's state and one
+order of random draws, which the byte-identical output of a seed depends on.
 """
 
 from __future__ import annotations

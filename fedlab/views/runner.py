@@ -1,4 +1,5 @@
-"""SQL-on-FHIR v2 ViewDefinition runner on plain Python dicts, with FHIRPath from fhirpathpy.
+"""SQL-on-FHIR v2 ViewDefinition runner on plain Python dicts: fedlab's FHIRPath subset compiler
+(`fedlab.views.fhirpath`) for the paths inside it, fhirpathpy for the rest and as its fallback.
 
 `run_view(view, resources)` validates the view, compiles every FHIRPath expression once, then
 turns each resource of the view's type into rows (dicts with the columns in declared order).
@@ -27,14 +28,8 @@ from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
 from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from fedlab.errors import FedlabError
-from fedlab.views.fastpath import (
-    FastPath,
-    NeedsFullEngine,
-    boundary,
-    compile_fast,
-    reference_key,
-    resource_key,
-)
+from fedlab.views.fhirpath import FastPath, NeedsFullEngine, compile_fast
+from fedlab.views.functions import boundary, reference_key, resource_key
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 VIEW_KEYS = {

@@ -2,6 +2,10 @@
 
 Everything that can be checked without a person is checked here, so a bad module fails at load
 time with a `ModuleError` naming the file, the state and the field.
+
+Why one module: it is one validator over one schema (Synthea's module language: its state types,
+transitions, conditions and distributions, which refer to one another), a few lines per rule;
+split by state type, the rules that cross types would be scattered.
 """
 
 from __future__ import annotations

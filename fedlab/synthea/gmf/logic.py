@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from fedlab.synthea.gmf.values import Code, GMFRuntimeError, age_in, duration_ms, from_millis, to_millis
+from fedlab.synthea.gmf.person import PersonState
+from fedlab.synthea.gmf.values import (
+    Code,
+    GMFRuntimeError,
+    RandomSource,
+    age_in,
+    duration_ms,
+    from_millis,
+    to_millis,
+)
 
-if TYPE_CHECKING:
-    from fedlab.synthea.gmf.runtime import ModuleRun
+
+class _Simulation(Protocol):
+    person: PersonState
+    rng: RandomSource
+
+
+class _StateDef(Protocol):
+    name: str
+
+
+class _StateVisit(Protocol):
+    d: _StateDef
+    exited: int | None
+
+
+class RunContext(Protocol):
+    """What a condition reads from the module run it is tested in (`runtime.ModuleRun` is one)."""
+
+    sim: _Simulation
+    history: Sequence[_StateVisit]
 
 _ACTIVE_KIND = {
     "Active Condition": "condition", "Active Medication": "medication", "Active CarePlan": "careplan",
@@ -58,20 +86,20 @@ def _ordered(lhs: Any, rhs: Any, operator: str) -> bool:
     return lhs != rhs
 
 
-def test(cond: dict, run: ModuleRun, time: int) -> bool:
+def test(cond: dict, run: RunContext, time: int) -> bool:
     return _TESTS[cond["condition_type"]](cond, run, time)
 
 
-def _gender(cond: dict, run: ModuleRun, time: int) -> bool:
+def _gender(cond: dict, run: RunContext, time: int) -> bool:
     return run.sim.person.gender == cond["gender"]
 
 
-def _age(cond: dict, run: ModuleRun, time: int) -> bool:
+def _age(cond: dict, run: RunContext, time: int) -> bool:
     age = age_in(cond["unit"], run.sim.person.birth_ms, time)
     return compare(age, cond["quantity"], cond["operator"])
 
 
-def _date(cond: dict, run: ModuleRun, time: int) -> bool:
+def _date(cond: dict, run: RunContext, time: int) -> bool:
     now = from_millis(time)
     if "year" in cond:
         return compare(now.year, cond["year"], cond["operator"])
@@ -83,19 +111,19 @@ def _date(cond: dict, run: ModuleRun, time: int) -> bool:
     return compare(time, to_millis(moment), cond["operator"])
 
 
-def _ses(cond: dict, run: ModuleRun, time: int) -> bool:
+def _ses(cond: dict, run: RunContext, time: int) -> bool:
     return run.sim.person.socioeconomic_category() == cond["category"]
 
 
-def _race(cond: dict, run: ModuleRun, time: int) -> bool:
+def _race(cond: dict, run: RunContext, time: int) -> bool:
     return str(cond["race"]).lower() == run.sim.person.race.lower()
 
 
-def _symptom(cond: dict, run: ModuleRun, time: int) -> bool:
+def _symptom(cond: dict, run: RunContext, time: int) -> bool:
     return compare(run.sim.person.symptom(cond["symptom"]), cond["value"], cond["operator"])
 
 
-def _observation(cond: dict, run: ModuleRun, time: int) -> bool:
+def _observation(cond: dict, run: RunContext, time: int) -> bool:
     person, found, value = run.sim.person, False, None
     if cond.get("codes"):
         for code in cond["codes"]:
@@ -115,13 +143,13 @@ def _observation(cond: dict, run: ModuleRun, time: int) -> bool:
     return compare(value, target, op)
 
 
-def _vital_sign(cond: dict, run: ModuleRun, time: int) -> bool:
+def _vital_sign(cond: dict, run: RunContext, time: int) -> bool:
     sim = run.sim
     value = sim.person.vital_sign(cond["vital_sign"], time, sim.rng)
     return compare(value, cond["value"], cond["operator"])
 
 
-def _active(cond: dict, run: ModuleRun, time: int) -> bool:
+def _active(cond: dict, run: RunContext, time: int) -> bool:
     kind, person = _ACTIVE_KIND[cond["condition_type"]], run.sim.person
     if cond.get("codes"):
         return any(person.active(kind, str(c["code"])) is not None for c in cond["codes"])
@@ -130,12 +158,12 @@ def _active(cond: dict, run: ModuleRun, time: int) -> bool:
     return code is not None and person.active(kind, code) is not None
 
 
-def _attribute(cond: dict, run: ModuleRun, time: int) -> bool:
+def _attribute(cond: dict, run: RunContext, time: int) -> bool:
     value = run.sim.person.get_attribute(cond["attribute"])
     return compare(value, cond.get("value"), cond["operator"])
 
 
-def _prior_state(cond: dict, run: ModuleRun, time: int) -> bool:
+def _prior_state(cond: dict, run: RunContext, time: int) -> bool:
     """Synthea's Person.hadPriorState: walk the module's history from the newest state."""
     name, since = cond["name"], cond.get("since")
     within = cond.get("within")
@@ -150,23 +178,23 @@ def _prior_state(cond: dict, run: ModuleRun, time: int) -> bool:
     return False
 
 
-def _and(cond: dict, run: ModuleRun, time: int) -> bool:
+def _and(cond: dict, run: RunContext, time: int) -> bool:
     return all(test(c, run, time) for c in cond["conditions"])
 
 
-def _or(cond: dict, run: ModuleRun, time: int) -> bool:
+def _or(cond: dict, run: RunContext, time: int) -> bool:
     return any(test(c, run, time) for c in cond["conditions"])
 
 
-def _not(cond: dict, run: ModuleRun, time: int) -> bool:
+def _not(cond: dict, run: RunContext, time: int) -> bool:
     return not test(cond["condition"], run, time)
 
 
-def _at_least(cond: dict, run: ModuleRun, time: int) -> bool:
+def _at_least(cond: dict, run: RunContext, time: int) -> bool:
     return sum(1 for c in cond["conditions"] if test(c, run, time)) >= cond["minimum"]
 
 
-def _at_most(cond: dict, run: ModuleRun, time: int) -> bool:
+def _at_most(cond: dict, run: RunContext, time: int) -> bool:
     return sum(1 for c in cond["conditions"] if test(c, run, time)) <= cond["maximum"]
 
 

@@ -1,4 +1,9 @@
-"""The interpreter: runs loaded modules for one person on Synthea's weekly time step."""
+"""The interpreter: runs loaded modules for one person on Synthea's weekly time step.
+
+Why one module: it is one interpreter. The state types' semantics share the run's clock, its state
+history and the order of its random draws, which reproducibility depends on; they read best beside
+the loop that calls them.
+"""
 
 from __future__ import annotations
 

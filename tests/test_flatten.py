@@ -230,7 +230,7 @@ def test_without_manifest_reads_every_ndjson_including_gzip(tmp_path: Path, engi
 
 
 def test_missing_export_folder_names_it(tmp_path: Path):
-    with pytest.raises(FlattenError, match=r"no export of site\(s\) a in .*/data/export/t; run `fedlab export"):
+    with pytest.raises(FlattenError, match=r"export folder not found for site\(s\) a in .*/data/export/t; run `fedlab export"):
         flatten(_exp(tmp_path), progress=False)
 
 
